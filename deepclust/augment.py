@@ -1,0 +1,194 @@
+"""Batched augmentation on uint8 image tensors, the same code on CPU and GPU.
+
+METHODS.md's pipeline: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4) with p 0.8 in
+a random order per image, RandomGrayscale(0.2), horizontal flip. Each op follows torchvision's
+definition (checked against ``torchvision.transforms.v2.functional`` in the tests) but draws its
+parameters per image and runs on the whole batch at once, so one explicit ``torch.Generator`` makes
+every epoch reproducible and the data never needs per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as torchvision: (B,3,H,W) float in [0,1] -> (B,1,H,W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    # Sector table: which of (v, q, p, t) each channel takes in each of the six hue sectors.
+    table = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]], device=x.device)
+    stack = torch.stack((v, q, p, t), 1)  # (B,4,H,W)
+    pick = table[:, i].permute(1, 0, 2, 3)  # (B,3,H,W) indices into stack
+    return stack.gather(1, pick)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return blend(x, mean, f.view(-1, 1, 1, 1))
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return blend(x, gray(x), f.view(-1, 1, 1, 1))
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    hsv = rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
+
+
+COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      gen: torch.Generator, device) -> torch.Tensor:
+    """RandomResizedCrop's boxes (top, left, h, w) per image: 10 tries, then the central crop."""
+    area = height * width
+    tries = 10
+    target = area * uniform(n * tries, *scale, gen, device).view(n, tries)
+    log_r = uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device).view(n, tries)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+    rows = torch.arange(n, device=device)
+    w = w[rows, first.clamp(min=0)]
+    h = h[rows, first.clamp(min=0)]
+    # Fallback, as torchvision: whole image clipped to the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fh, fw = height, round(height * ratio[1])
+    else:
+        fw, fh = width, height
+    fail = first < 0
+    w = torch.where(fail, torch.full_like(w, fw), w)
+    h = torch.where(fail, torch.full_like(h, fh), h)
+    u = torch.rand(n, 2, generator=gen, device=device)
+    top = torch.floor(u[:, 0] * (height - h + 1))
+    left = torch.floor(u[:, 1] * (width - w + 1))
+    top = torch.where(fail, torch.full_like(top, 0.0) + ((height - h) // 2), top)
+    left = torch.where(fail, torch.full_like(left, 0.0) + ((width - w) // 2), left)
+    return torch.stack((top, left, h, w), 1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop boxes (top, left, h, w) of a (B,C,H,W) float batch and resize each to size x size (bilinear)."""
+    b, _, height, width = x.shape
+    top, left, h, w = boxes.unbind(1)
+    # affine_grid maps output [-1, 1] to input coordinates; with align_corners=False pixel edges are +-1.
+    sx = w / width
+    sy = h / height
+    cx = (2 * left + w) / width - 1
+    cy = (2 * top + h) / height - 1
+    if flip is not None:
+        sx = torch.where(flip, -sx, sx)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, cy
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@dataclass
+class Augment:
+    """Training augmentation of METHODS.md, batched. Call with uint8 (B,3,H,W); returns normalised float."""
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    flip_p: float = 0.5
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, device = images.shape[0], images.device
+        x = images.float().div_(255)
+        boxes = sample_crop_boxes(n, x.shape[-2], x.shape[-1], self.scale, self.ratio, gen, device)
+        flip = torch.rand(n, generator=gen, device=device) < self.flip_p
+        x = resized_crop(x, boxes, self.size, flip)
+        x = self.color_jitter(x, gen)
+        to_gray = torch.rand(n, generator=gen, device=device) < self.gray_p
+        x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+        return normalize(x)
+
+    def color_jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, device = x.shape[0], x.device
+        b, c, s, h = self.jitter
+        factors = torch.stack((
+            uniform(n, max(0, 1 - b), 1 + b, gen, device),
+            uniform(n, max(0, 1 - c), 1 + c, gen, device),
+            uniform(n, max(0, 1 - s), 1 + s, gen, device),
+            uniform(n, -h, h, gen, device),
+        ), 1)
+        apply = torch.rand(n, generator=gen, device=device) < self.jitter_p
+        order = torch.rand(n, 4, generator=gen, device=device).argsort(1)  # a random op order per image
+        for step in range(4):
+            for op in range(4):
+                rows = torch.nonzero(apply & (order[:, step] == op)).flatten()
+                if rows.numel():
+                    x[rows] = COLOR_OPS[op](x[rows], factors[rows, op])
+        return x
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def test_transform(images: torch.Tensor, size: int) -> torch.Tensor:
+    """No augmentation: uint8 (B,3,S,S) -> normalised float, resized when S differs from ``size``."""
+    x = images.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return normalize(x)

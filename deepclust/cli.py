@@ -1,0 +1,170 @@
+"""The ``deepclust`` command: train, eval, embed, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
+from .cluster import ClusteringError
+from .config import ConfigError, read_yaml, resolve
+from .data import DataError, default_test_spec, load_data
+from .eval import cluster_metrics, extract_features, knn_accuracy, linear_probe
+
+log = logging.getLogger("deepclust")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import parse_overrides
+    from .train import train
+
+    layers = []
+    if args.config:
+        layers.append(read_yaml(Path(args.config)))
+    flags = {k: v for k, v in {"method": args.method, "data": args.data, "test_data": args.test_data,
+                               "backbone": args.backbone, "epochs": args.epochs, "out": args.out,
+                               "init": args.init, "device": args.device}.items() if v is not None}
+    layers += [flags, parse_overrides(overrides)]
+    cfg, hparams = resolve(layers)
+    row = train(cfg, hparams, resume=args.resume)
+    knn = row.get("knn_top1")
+    print(f"done: {cfg.method} on {cfg.data}, {cfg.out}/checkpoint.pt"
+          + (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no labelled test data: no kNN)"))
+    return 0
+
+
+def load_eval_data(args: argparse.Namespace, payload: dict):
+    size = payload["backbone"]["image_size"]
+    bad = getattr(args, "bad_images", "fail")
+    train = load_data(args.data, "train", size, bad)
+    test_spec = getattr(args, "test_data", None) or default_test_spec(args.data)
+    test = load_data(test_spec, "test", size, bad) if test_spec else None
+    return train, test
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    model = backbone_from_checkpoint(payload)
+    device = torch.device(args.device)
+    train, test = load_eval_data(args, payload)
+    if test is None:
+        raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
+    if train.labels is None or test.labels is None:
+        raise DataError("eval needs labelled --data and --test-data (class subfolders or 'labels')")
+    result = {"checkpoint": str(args.checkpoint), "method": payload["method"], "protocol": args.protocol}
+    if args.protocol == "knn":
+        feature = args.feature or payload["eval_feature"]
+        ftr = extract_features(model, train.images, feature, device=device)
+        fte = extract_features(model, test.images, feature, device=device)
+        result.update(feature=feature, k=args.k, knn_top1=knn_accuracy(fte, test.labels, ftr, train.labels,
+                                                                         args.k, args.tau))
+    elif args.protocol == "linear":
+        ftr = extract_features(model, train.images, "pooled", device=device, normalize=False)
+        fte = extract_features(model, test.images, "pooled", device=device, normalize=False)
+        result.update(linear_top1=linear_probe(ftr, train.labels, fte, test.labels))
+    else:
+        feature = args.feature or payload["eval_feature"]
+        fte = extract_features(model, test.images, feature, device=device)
+        result.update(feature=feature, **cluster_metrics(fte, test.labels))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    model = backbone_from_checkpoint(payload)
+    data = load_data(args.data, args.split, payload["backbone"]["image_size"], args.bad_images)
+    feature = args.feature or payload["eval_feature"]
+    feats = extract_features(model, data.images, feature, device=torch.device(args.device))
+    arrays = {"features": feats.numpy().astype(np.float32), "indices": np.arange(len(data), dtype=np.int64)}
+    if data.labels is not None:
+        arrays["labels"] = data.labels.numpy()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **arrays)
+    print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {feature} features")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    for name, cls in METHODS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepclust", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method; writes OUT/checkpoint.pt, metrics.jsonl, config.yaml",
+                       epilog="Any config key can be set as key=value, e.g. k=100 lr=0.06.")
+    t.add_argument("--method")
+    t.add_argument("--data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] (default: digits)")
+    t.add_argument("--test-data")
+    t.add_argument("--backbone")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--out")
+    t.add_argument("--config", help="a YAML file of config keys")
+    t.add_argument("--init", help="start the backbone from this checkpoint")
+    t.add_argument("--device")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--test-data")
+    e.add_argument("--protocol", choices=("knn", "linear", "cluster"), default="knn")
+    e.add_argument("--feature", choices=("embedding", "pooled"))
+    e.add_argument("--k", type=int, default=200)
+    e.add_argument("--tau", type=float, default=0.1)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+    e.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("embed", help="write features of a dataset to an .npz")
+    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--data", required=True)
+    m.add_argument("--split", default="train")
+    m.add_argument("--out", required=True)
+    m.add_argument("--feature", choices=("embedding", "pooled"))
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+
+    sub.add_parser("methods", help="list the methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command != "train" and rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    bad_flags = [r for r in rest if r.startswith("-")]
+    if bad_flags:
+        parser.error(f"unrecognised arguments: {' '.join(bad_flags)}")
+    commands = {"train": lambda: cmd_train(args, rest), "eval": lambda: cmd_eval(args),
+                "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args)}
+    try:
+        return commands[args.command]()
+    except (ConfigError, DataError, CheckpointError, ClusteringError) as err:
+        print(f"deepclust: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

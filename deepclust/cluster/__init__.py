@@ -1,0 +1,22 @@
+"""Clustering building blocks shared by the methods: k-means, PCA-whitening, samplers, statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from .kmeans import ClusteringError, KMeansResult, centroid_sums, kmeans, nearest_centroid, split_empty_clusters
+from .pca import pca_whiten
+from .sampling import balanced_indices
+
+
+def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> dict[str, float]:
+    """min / median / max of the class sizes (empty classes count as 0)."""
+    sizes = torch.bincount(labels.cpu(), minlength=k).float()
+    return {f"{prefix}_min": int(sizes.min()), f"{prefix}_median": float(sizes.median()),
+            f"{prefix}_max": int(sizes.max()), f"{prefix}_empty": int((sizes == 0).sum())}
+
+
+__all__ = [
+    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "kmeans", "nearest_centroid",
+    "pca_whiten", "size_stats", "split_empty_clusters",
+]

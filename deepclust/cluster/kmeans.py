@@ -1,0 +1,105 @@
+"""k-means in plain torch (one code path for CPU, GPU and, by all-reducing the centroid sums, many GPUs)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ClusteringError(ValueError):
+    """Clustering asked for something the data cannot give (more clusters than samples, ...)."""
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (k, d)
+    assignments: torch.Tensor  # (N,) int64, every cluster non-empty
+    inertia: float  # sum of squared distances to the assigned centroid
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest centroid (L2) for every row, and the squared distance to it.
+
+    argmin |x - c|^2 = argmax (x . c - |c|^2 / 2): one matrix product per chunk, no N x k distance matrix.
+    """
+    half_sq = 0.5 * (centroids * centroids).sum(1)
+    x_sq = (x * x).sum(1)
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    ct = centroids.t().contiguous()
+    for start in range(0, x.shape[0], chunk):
+        scores = torch.addmm(half_sq, x[start:start + chunk], ct, beta=-1.0)
+        best, labels[start:start + chunk] = scores.max(1)
+        dist[start:start + chunk] = x_sq[start:start + chunk] - 2 * best
+    return labels, dist.clamp_(min=0)
+
+
+def centroid_sums(x: torch.Tensor, assignments: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums and counts; the one place a distributed run would all-reduce."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assignments, x)
+    counts = torch.bincount(assignments, minlength=k)
+    return sums, counts
+
+
+def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor,
+                         gen: torch.Generator, eps: float = 1e-4) -> torch.Tensor:
+    """Give every empty cluster half of a non-empty one (DeepCluster's repair).
+
+    For each empty cluster e: pick a donor d with more than one member (probability proportional to
+    its size), set c_e and c_d to perturbed copies of c_d, and reassign d's members between the two.
+    If the members cannot be told apart (duplicates), half of them move. Edits ``centroids`` in place;
+    returns the new assignments.
+    """
+    k = centroids.shape[0]
+    counts = torch.bincount(assignments, minlength=k)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if not empty:
+        return assignments
+    if len(empty) > 0 and x.shape[0] < k:
+        raise ClusteringError(f"cannot fill {k} clusters from {x.shape[0]} samples")
+    assignments = assignments.clone()
+    for e in empty:
+        weights = (counts - 1).clamp(min=0).float()
+        d = int(torch.multinomial(weights.cpu(), 1, generator=gen))
+        members = torch.nonzero(assignments == d).flatten()
+        noise = eps * torch.randn(centroids.shape[1], generator=gen).to(centroids)
+        centroids[e] = centroids[d] + noise
+        centroids[d] = centroids[d] - noise
+        pair = centroids[[d, e]]
+        side, _ = nearest_centroid(x[members], pair)
+        if side.all() or not side.any():  # identical points: split by position instead
+            side = torch.zeros_like(side)
+            side[torch.randperm(members.numel(), generator=gen)[: members.numel() // 2].to(side.device)] = 1
+        moved = members[side == 1]
+        assignments[moved] = e
+        counts[e], counts[d] = moved.numel(), members.numel() - moved.numel()
+    return assignments
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 8192) -> KMeansResult:
+    """Lloyd's k-means: ``iters`` assignment passes, empty clusters split after each.
+
+    Initial centroids are k distinct random rows. The returned centroids are the means of the
+    returned assignments, and no cluster is empty.
+    """
+    n = x.shape[0]
+    if k < 1:
+        raise ClusteringError(f"k must be at least 1, got {k}")
+    if k > n:
+        raise ClusteringError(f"k = {k} clusters but only {n} samples; use k <= {n}")
+    gen = torch.Generator().manual_seed(seed)
+    x = x.contiguous()
+    centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
+    assignments = torch.zeros(n, dtype=torch.long, device=x.device)
+    dist = torch.zeros(n, dtype=x.dtype, device=x.device)
+    for _ in range(max(1, iters)):
+        assignments, dist = nearest_centroid(x, centroids, chunk)
+        assignments = split_empty_clusters(x, centroids, assignments, gen)
+        sums, counts = centroid_sums(x, assignments, k)
+        centroids = sums / counts.unsqueeze(1).to(x.dtype)
+    inertia = float(((x - centroids[assignments]) ** 2).sum())
+    return KMeansResult(centroids, assignments, inertia)

@@ -1,0 +1,331 @@
+"""Datasets. Every source becomes one in-memory uint8 tensor (N, 3, S, S) plus optional labels.
+
+Sources (one ``--data`` string):
+  digits[:train|test]        scikit-learn's bundled 8x8 digits, upsampled to 32x32 (no file needed)
+  DIR                        an ImageFolder (class subfolders) or a flat folder of unlabelled images
+  FILE.npz                   ``images`` (N,H,W) or (N,H,W,C) uint8, optional ``labels``
+  NAME:ROOT[:SPLIT]          torchvision's local files, never downloaded; NAME in cifar10, cifar100,
+                             stl10, svhn, mnist
+
+Labels are only ever used for evaluation (and by the ``supervised`` reference method).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "svhn", "mnist")
+SPLITS = ("train", "test", "unlabeled", "train+unlabeled", "extra")
+
+
+class DataError(ValueError):
+    """A data source is missing, empty or unreadable. The message names the problem and the fix."""
+
+
+@dataclass
+class ImageData:
+    """Images as uint8 (N, 3, S, S); ``labels`` int64 (N,) or None when the source has none."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    name: str
+    classes: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.labels is None:
+            return None
+        return len(self.classes) if self.classes else int(self.labels.max()) + 1
+
+    def subset(self, indices: torch.Tensor) -> ImageData:
+        labels = None if self.labels is None else self.labels[indices]
+        return ImageData(self.images[indices], labels, self.name, self.classes, self.skipped)
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """Fetches whole batches of uint8 images by index, for a DataLoader with a batch sampler.
+
+    Workers (if any) only fetch pixels; augmentation and every method hook run in the main
+    process, so per-sample state (labels, memory banks) is never written in a forked worker.
+    """
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], index
+
+
+def square_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` and centre-crop to size x size. (N,3,H,W) uint8 in and out."""
+    n, _, h, w = images.shape
+    if h == w == size:
+        return images
+    out = []
+    for start in range(0, n, 4096):  # chunks keep the float copy small
+        x = images[start:start + 4096].float()
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=scale < 1, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out.append(x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def to_nchw_uint8(array: np.ndarray, what: str) -> torch.Tensor:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W) uint8 with C in 1, 3, 4 -> (N,3,H,W) uint8."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise DataError(f"{what}: images must be uint8, got {array.dtype}; convert them with .astype(np.uint8)")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise DataError(f"{what}: images must have shape (N,H,W) or (N,H,W,C), got {array.shape}")
+    if array.shape[-1] not in (1, 3, 4) and array.shape[1] in (1, 3, 4):
+        array = array.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if array.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{what}: expected 1, 3 or 4 channels, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise DataError(f"{what}: holds no images")
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x[:, :3].contiguous()
+
+
+def labels_tensor(labels, n: int, what: str) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    if labels.numel() != n:
+        raise DataError(f"{what}: {labels.numel()} labels for {n} images; give one label per image")
+    if (labels < 0).all():
+        return None  # e.g. STL-10's unlabelled split
+    return labels
+
+
+def load_digits(split: str) -> ImageData:
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    images = torch.from_numpy(digits.images).float().mul(255 / 16).unsqueeze(1)
+    images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    # A fixed interleaved split: every 5th image is a test image (1437 train, 360 test).
+    is_test = torch.arange(len(labels)) % 5 == 4
+    if split not in ("train", "test"):
+        raise DataError(f"digits has splits train and test, not {split!r}")
+    keep = is_test if split == "test" else ~is_test
+    return ImageData(images[keep], labels[keep], f"digits:{split}", [str(i) for i in range(10)])
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """Files and labels of an ImageFolder; a folder holding images directly is unlabelled."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def images_in(folder: Path, recursive: bool) -> list[Path]:
+        it = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    direct = images_in(root, recursive=False)
+    if direct or not subdirs:
+        if not direct:
+            raise DataError(
+                f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) and no class "
+                "subfolders; point --data at a folder of images or of class subfolders"
+            )
+        return direct, None, None
+    files, labels, classes = [], [], []
+    for subdir in subdirs:
+        found = images_in(subdir, recursive=True)
+        if found:
+            labels += [len(classes)] * len(found)
+            classes.append(subdir.name)
+            files += found
+    if not files:
+        raise DataError(
+            f"folder {root} has subfolders ({', '.join(d.name for d in subdirs[:5])}) but no images in "
+            "them; point --data at a folder of images or of class subfolders"
+        )
+    return files, labels, classes
+
+
+def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out, kept, skipped = [], [], []
+    for i, path in enumerate(tqdm(files, desc="decoding images", leave=False, mininterval=2)):
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except Exception as err:  # PIL raises many types for corrupt files
+            if bad_images == "fail":
+                raise DataError(
+                    f"cannot read image {path}: {err}. Fix or remove it, or pass bad_images=skip "
+                    "to skip unreadable images (they are counted and logged)"
+                ) from err
+            skipped.append(str(path))
+            continue
+        if size is None:
+            size = min(rgb.size)
+        w, h = rgb.size
+        if (w, h) != (size, size):
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            rgb = rgb.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            rgb = rgb.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
+        kept.append(i)
+    if skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
+    if not out:
+        raise DataError(f"none of the {len(files)} images could be read (first: {skipped[0]})")
+    return torch.stack(out), kept, skipped
+
+
+def load_torchvision(name: str, root: str, split: str) -> ImageData:
+    import torchvision.datasets as tvd
+
+    if not Path(root).is_dir():
+        raise DataError(f"{name}: no folder {root}; give the folder holding torchvision's {name} files "
+                        "(deepclust never downloads)")
+    what = f"{name}:{root}:{split}"
+    try:
+        if name in ("cifar10", "cifar100", "mnist"):
+            if split not in ("train", "test"):
+                raise DataError(f"{name} has splits train and test, not {split!r}")
+            cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[name]
+            ds = cls(root, train=split == "train", download=False)
+            data = ds.data.numpy() if torch.is_tensor(ds.data) else ds.data
+            targets, classes = ds.targets, list(ds.classes)
+        elif name == "stl10":
+            ds = tvd.STL10(root, split=split, download=False)
+            data, targets, classes = ds.data, ds.labels, list(ds.classes)
+        else:  # svhn
+            ds = tvd.SVHN(root, split=split, download=False)
+            data, targets, classes = ds.data, ds.labels, [str(i) for i in range(10)]
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{what}: torchvision could not read its files under {root} ({err}); "
+                        f"place the {name} files there (deepclust never downloads)") from err
+    images = to_nchw_uint8(data, what)
+    return ImageData(images, labels_tensor(targets, len(images), what), what, classes)
+
+
+def parse_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
+    """'digits', 'digits:test', 'cifar10:/root', 'cifar10:/root:test', 'file.npz', 'dir' -> (kind, root, split)."""
+    head, _, rest = spec.partition(":")
+    if head in ("digits", *TORCHVISION_SOURCES):
+        root, split = rest, default_split
+        if head == "digits":
+            return "digits", None, rest or default_split
+        maybe_root, _, maybe_split = rest.rpartition(":")
+        if maybe_root and maybe_split in SPLITS:
+            root, split = maybe_root, maybe_split
+        if not root:
+            raise DataError(f"{spec!r}: give the folder of the local files, e.g. {head}:/data/{head}")
+        return head, root, split
+    if spec.endswith(".npz"):
+        return "npz", spec, default_split
+    return "folder", spec, default_split
+
+
+def load_data(
+    spec: str,
+    split: str = "train",
+    image_size: int | None = None,
+    bad_images: str = "fail",
+    subset: int | None = None,
+    subset_seed: int = 0,
+) -> ImageData:
+    """Load any supported source as an in-memory ``ImageData``; see the module docstring."""
+    if bad_images not in ("fail", "skip"):
+        raise DataError(f"bad_images must be 'fail' or 'skip', not {bad_images!r}")
+    kind, root, split = parse_spec(spec, split)
+    files = None
+    if kind == "digits":
+        data = load_digits(split)
+    elif kind == "npz":
+        path = Path(root)
+        if not path.is_file():
+            raise DataError(f"no file {path}; give an .npz with 'images' (N,H,W[,C] uint8) and optional 'labels'")
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz:
+                raise DataError(f"{path} has no 'images' array (it has {sorted(npz.files)}); save the images "
+                                "under the key 'images'")
+            images = to_nchw_uint8(npz["images"], str(path))
+            labels = labels_tensor(npz["labels"] if "labels" in npz else None, len(images), str(path))
+        data = ImageData(images, labels, str(path))
+    elif kind == "folder":
+        path = Path(root)
+        if not path.exists():
+            raise DataError(f"no folder {path}; give an ImageFolder directory, a .npz file, 'digits', or "
+                            f"NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
+        if not path.is_dir():
+            raise DataError(f"{path} is not a folder; give an ImageFolder directory or a .npz file")
+        files, labels, classes = list_image_folder(path)
+        if subset is not None and subset < len(files):
+            pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(subset_seed))[:subset]
+            pick = pick.sort().values.tolist()
+            files = [files[i] for i in pick]
+            labels = None if labels is None else [labels[i] for i in pick]
+            subset = None  # done before decoding: cheaper
+        images, kept, skipped = decode_images(files, image_size, bad_images)
+        labels = None if labels is None else torch.tensor([labels[i] for i in kept], dtype=torch.long)
+        data = ImageData(images, labels, str(path), classes, skipped)
+    else:
+        data = load_torchvision(kind, root, split)
+    if subset is not None and subset < len(data):
+        gen = torch.Generator().manual_seed(subset_seed)
+        data = data.subset(torch.randperm(len(data), generator=gen)[:subset].sort().values)
+    size = image_size or min(data.images.shape[-2:])
+    data.images = square_uint8(data.images, size)
+    log.info("loaded %s: %d images of %dx%d%s", data.name, len(data), size, size,
+             "" if data.labels is None else f", {data.num_classes} classes")
+    return data
+
+
+def default_test_spec(spec: str) -> str | None:
+    """The test split that belongs with a training source, when one is obvious."""
+    kind, root, split = parse_spec(spec, "train")
+    if kind == "digits":
+        return "digits:test"
+    if kind in TORCHVISION_SOURCES and split in ("train", "train+unlabeled"):
+        return f"{kind}:{root}:test"
+    if kind == "folder":
+        path = Path(root)
+        if path.name == "train":
+            for sibling in ("test", "val"):
+                if (path.parent / sibling).is_dir():
+                    return str(path.parent / sibling)
+    return None

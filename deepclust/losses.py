@@ -1,0 +1,68 @@
+"""Loss functions as pure functions of tensors, shared by every method."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def group_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -log sum_{j in G_i} p(j | x_i), p = softmax over all N logits.
+
+    ``logits`` (B, N); ``positives`` (B, N) bool, row i marks G_i. NPID is G_i = {i}; AND, PCP and
+    PAD pass larger groups. Vectorised: two masked log-sum-exps, no loop over the batch.
+    """
+    log_all = torch.logsumexp(logits, dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (log_all - log_pos).mean()
+
+
+def instance_positives(index: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """G_i = {i}: a one-hot (B, N) mask."""
+    mask = torch.zeros(index.numel(), num_samples, dtype=torch.bool, device=index.device)
+    mask[torch.arange(index.numel(), device=index.device), index] = True
+    return mask
+
+
+def neighbour_positives(index: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """G_i = {i} plus the row ``neighbours[i]`` (N, S) of sample ids, padded with -1: a (B, N) mask."""
+    mask = instance_positives(index, neighbours.shape[0])
+    nbr = neighbours[index]  # (B, S)
+    rows = torch.arange(index.numel(), device=index.device).unsqueeze(1).expand_as(nbr)
+    valid = nbr >= 0
+    mask[rows[valid], nbr[valid]] = True
+    return mask
+
+
+def label_positives(index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """G_i = every sample with the same group id as i, from ``groups`` (N,): a (B, N) mask."""
+    return groups[index].unsqueeze(1) == groups.unsqueeze(0)
+
+
+def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """IS loss on two views (B, d) each, L2-normalised (METHODS.md).
+
+    For row i of the 2B stack, e_ij = exp(f_i . sg(f_j) / tau); D_i = sum_{j != i} e_ij; P_i = e_ip / D_i
+    with p the other view of the same image; loss = -mean_i(log P_i + sum_{j neg} log(1 - e_ij / D_i)).
+    """
+    z = torch.cat((z1, z2)).float()
+    n = z.shape[0]
+    b = n // 2
+    logits = z @ z.detach().t() / tau
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_d = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_p = logits - log_d  # log(e_ij / D_i)
+    partner = torch.arange(n, device=z.device).roll(b)
+    rows = torch.arange(n, device=z.device)
+    log_pos = log_p[rows, partner]
+    neg_mask = ~self_mask
+    neg_mask[rows, partner] = False
+    log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+    return -(log_pos + (log_not * neg_mask).sum(1)).mean()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Row entropies of softmax(logits)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(1)

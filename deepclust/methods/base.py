@@ -1,0 +1,81 @@
+"""The method interface: how a method makes its targets and what its loss is.
+
+The trainer calls, per epoch: ``before_epoch`` (may return the epoch's sample order, e.g. balanced
+over clusters), then per batch ``loss`` and, after the optimiser step, ``after_step``; finally
+``after_epoch`` returns numbers for the metrics log. All clustering state (memory banks, centroids,
+labels, vote history) lives in registered buffers, so ``state_dict`` checkpoints it with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..backbones import Backbone
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]  # augmented views, each (B, 3, S, S) normalised float
+    index: torch.Tensor  # (B,) sample ids on the training device
+
+
+@dataclass
+class EpochContext:
+    """What a method may know or ask for at an epoch boundary. Labels are for logging only."""
+
+    round: int
+    epoch: int  # within the round
+    epochs: int  # per round
+    rounds: int
+    seed: int  # a fresh seed for this epoch (k-means, splits, ...)
+    generator: torch.Generator  # CPU generator seeded for this epoch
+    device: torch.device
+    extract: Callable[[str], torch.Tensor]  # "pooled" | "embedding" -> (N, D) features, eval mode
+    true_labels: torch.Tensor | None = None
+    reset_optimizer_state: Callable[[nn.Module], None] = lambda module: None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the round done before this epoch, in [0, 1)."""
+        return self.epoch / self.epochs
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and a ``Config`` dataclass of their hyperparameters."""
+
+    name: ClassVar[str] = ""
+    views: ClassVar[int] = 1  # augmented views per image in a batch
+    eval_feature: ClassVar[str] = "embedding"  # which features the kNN protocol reads
+    trains: ClassVar[bool] = True  # False for the random-init reference
+    uses_labels: ClassVar[bool] = False  # only the supervised reference
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, backbone: Backbone, num_samples: int, config: Any = None,
+                 labels: torch.Tensor | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.num_samples = num_samples
+        self.config = config if config is not None else self.Config()
+
+    def before_epoch(self, ctx: EpochContext) -> torch.Tensor | None:
+        """Make targets for the epoch; return the sample order, or None for a random permutation."""
+        return None
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch, and outputs that ``after_step`` needs."""
+        raise NotImplementedError
+
+    def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
+        """Update per-sample state (memory bank, labels) after the optimiser step."""
+
+    def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
+        """Numbers to log for the epoch."""
+        return {}

@@ -1,0 +1,256 @@
+"""One training loop for every method. It knows nothing method-specific: methods make targets in
+``before_epoch`` / ``after_step`` and give a loss.
+
+Every epoch's randomness (sample order, augmentation, k-means seeds) comes from generators seeded by
+(seed, round, epoch), and the global RNG state is checkpointed, so a resumed run repeats exactly
+what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from .augment import Augment
+from .backbones import Backbone
+from .checkpoint import (
+    CheckpointError,
+    backbone_from_checkpoint,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig, as_dict
+from .data import ImageData, IndexedImages, default_test_spec, load_data
+from .eval import extract_features, knn_accuracy
+from .methods import METHODS
+from .methods.base import Batch, EpochContext, Method
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, round_: int, epoch: int) -> int:
+    return (seed * 1_000 + round_) * 100_000 + epoch
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step schedule within a round: x lr_decay at each fraction in lr_decay_at (restarts every round)."""
+    steps = sum(epoch >= math.ceil(f * cfg.epochs) for f in cfg.lr_decay_at)
+    return cfg.lr * cfg.lr_decay**steps
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built by ``setup``, advanced by ``run_epoch``."""
+
+    cfg: TrainConfig
+    hparams: Any
+    method: Method
+    optimizer: torch.optim.Optimizer
+    data: ImageData
+    test: ImageData | None
+    device: torch.device
+    out: Path
+    start: int = 0  # next global epoch (round * epochs + epoch)
+
+    @property
+    def eval_feature(self) -> str:
+        return self.cfg.eval_feature or self.method.eval_feature
+
+    def payload(self, next_epoch: int) -> dict[str, Any]:
+        b = self.method.backbone
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "method": self.cfg.method,
+            "backbone": {"name": b.name, "image_size": self.data.image_size, "embed_dim": b.embed_dim,
+                         "sobel": b.sobel is not None, "width": self.cfg.width},
+            "eval_feature": self.eval_feature,
+            "config": as_dict(self.cfg, self.hparams),
+            "num_samples": len(self.data),
+            "next_epoch": next_epoch,
+            "state": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+        }
+
+
+def load_test_data(cfg: TrainConfig) -> ImageData | None:
+    spec = cfg.test_data or default_test_spec(cfg.data)
+    if not spec:
+        return None
+    return load_data(spec, "test", cfg.image_size, cfg.bad_images, cfg.test_subset)
+
+
+def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    payload = None
+    if resume:
+        payload = load_checkpoint(ckpt_path)
+        check_compatible(payload, cfg.method, cfg.backbone, ckpt_path)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data, "train", cfg.image_size, cfg.bad_images, cfg.subset)
+    test = load_test_data(cfg)
+    if payload is not None and payload["num_samples"] != len(data):
+        raise CheckpointError(f"{ckpt_path} was trained on {payload['num_samples']} samples, --data has "
+                              f"{len(data)}; resume with the same data")
+    method_cls = METHODS[cfg.method]
+    backbone = Backbone(cfg.backbone, data.image_size, cfg.embed_dim, cfg.sobel, cfg.width)
+    if cfg.init and payload is None:
+        init = load_checkpoint(cfg.init)
+        check_compatible(init, backbone=cfg.backbone, path=cfg.init)
+        backbone.load_state_dict(backbone_from_checkpoint(init).state_dict())
+        log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
+    method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
+    method.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    run = Run(cfg, hparams, method, optimizer, data, test, device, out)
+    if payload is not None:
+        method.load_state_dict(payload["state"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        run.start = payload["next_epoch"]
+        log.info("resuming %s at epoch %d", ckpt_path, run.start)
+    return run
+
+
+def evaluate_knn(run: Run) -> float | None:
+    """Weighted kNN top-1 on the test set (train features recomputed without augmentation)."""
+    if run.test is None or run.test.labels is None or run.data.labels is None:
+        return None
+    backbone = run.method.backbone
+    size = run.data.image_size
+    train = extract_features(backbone, run.data.images, run.eval_feature, device=run.device, image_size=size)
+    test = extract_features(backbone, run.test.images, run.eval_feature, device=run.device, image_size=size)
+    return knn_accuracy(test, run.test.labels.to(test.device), train, run.data.labels.to(train.device),
+                        run.cfg.knn_k, run.cfg.knn_tau)
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+    """Forget momentum buffers of ``module``'s parameters (for heads a method re-initialises)."""
+    for p in module.parameters():
+        optimizer.state.pop(p, None)
+
+
+def keep_batch(batch):
+    return batch  # IndexedImages already returns a whole (pixels, index) batch
+
+
+def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
+    cfg, method, device = run.cfg, run.method, run.device
+    round_, epoch = divmod(global_epoch, cfg.epochs)
+    seed = epoch_seed(cfg.seed, round_, epoch)
+    gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed)
+    images = run.data.images
+
+    def extract(feature: str) -> torch.Tensor:
+        return extract_features(method.backbone, images, feature, device=device)
+
+    ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
+                       run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))
+    t0 = time.perf_counter()
+    order = method.before_epoch(ctx)
+    t_targets = time.perf_counter() - t0
+    if order is None:
+        order = torch.randperm(len(images), generator=gen)
+    batches = [b.tolist() for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
+    lr = lr_at(cfg, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
+                                         collate_fn=keep_batch, pin_memory=device.type == "cuda")
+    augment = Augment(run.data.image_size)
+    use_amp = cfg.amp and device.type == "cuda"
+    channels_last = cfg.channels_last and device.type == "cuda"
+    method.train()
+    total, steps = torch.zeros((), device=device), 0
+    bar = tqdm(loader, desc=f"round {round_} epoch {epoch}", leave=False, disable=not cfg.progress)
+    for pixels, index in bar:
+        pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        views = [augment(pixels, aug_gen) for _ in range(method.views)]
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        batch = Batch(views, index)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, outputs = method.loss(batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        method.after_step(batch, outputs)
+        total += loss.detach()
+        steps += 1
+    row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
+                           "loss": float(total) / max(1, steps), "lr": lr}
+    row.update(method.after_epoch(ctx))
+    row["time"] = time.perf_counter() - t0
+    row["targets_time"] = t_targets
+    return row
+
+
+def write_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, next_epoch: int) -> None:
+    """Drop rows of epochs that the checkpoint does not hold (written just before a crash)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("global_epoch", -1) < next_epoch]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run in ``cfg.out``; returns the last metrics row."""
+    run = setup(cfg, hparams, resume)
+    run.out.mkdir(parents=True, exist_ok=True)
+    metrics_path = run.out / "metrics.jsonl"
+    if resume:
+        truncate_metrics(metrics_path, run.start)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    with open(run.out / "config.yaml", "w") as f:
+        yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
+    total = cfg.epochs * cfg.rounds if run.method.trains else 0
+    row: dict[str, Any] = {}
+    for global_epoch in range(run.start, total):
+        row = run_epoch(run, global_epoch)
+        last = global_epoch == total - 1
+        if last or (cfg.eval_every and (global_epoch + 1) % cfg.eval_every == 0):
+            row["knn_top1"] = evaluate_knn(run)
+        log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in row.items()})
+        write_metrics(metrics_path, row)
+        save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
+    if total == 0 or run.start >= total:
+        row = {"round": 0, "epoch": 0, "global_epoch": total, "knn_top1": evaluate_knn(run)}
+        write_metrics(metrics_path, row)
+        save_checkpoint(run.out / "checkpoint.pt", run.payload(total))
+    return row
