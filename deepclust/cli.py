@@ -35,7 +35,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     row = train(cfg, hparams, resume=args.resume)
     knn = row.get("knn_top1")
     print(f"done: {cfg.method} on {cfg.data}, {cfg.out}/checkpoint.pt"
-          + (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no labelled test data: no kNN)"))
+          + (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no kNN: no labelled test data, or a stop "
+                                                                "before the last epoch)"))
     return 0
 
 

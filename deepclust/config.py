@@ -56,6 +56,7 @@ class TrainConfig:
     channels_last: bool = True  # on GPU
     progress: bool = True
     init: str | None = None  # start the backbone from this checkpoint
+    stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
     # evaluation
     eval_every: int = 1  # epochs between kNN evaluations (0: only at the end)
     knn_k: int = 200

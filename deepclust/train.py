@@ -169,8 +169,8 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     aug_gen = torch.Generator(device=device).manual_seed(seed)
     images = run.data.images
 
-    def extract(feature: str) -> torch.Tensor:
-        return extract_features(method.backbone, images, feature, device=device)
+    def extract(feature: str, normalize: bool = True) -> torch.Tensor:
+        return extract_features(method.backbone, images, feature, device=device, normalize=normalize)
 
     ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
                        run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))
@@ -239,18 +239,21 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
     with open(run.out / "config.yaml", "w") as f:
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
+    stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     row: dict[str, Any] = {}
-    for global_epoch in range(run.start, total):
+    for global_epoch in range(run.start, stop):
         row = run_epoch(run, global_epoch)
-        last = global_epoch == total - 1
+        last = global_epoch == total - 1  # not stop - 1: an interrupted run logs what the whole run logs
         if last or (cfg.eval_every and (global_epoch + 1) % cfg.eval_every == 0):
             row["knn_top1"] = evaluate_knn(run)
         log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in row.items()})
         write_metrics(metrics_path, row)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
-    if total == 0 or run.start >= total:
-        row = {"round": 0, "epoch": 0, "global_epoch": total, "knn_top1": evaluate_knn(run)}
+    if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
+        row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
         write_metrics(metrics_path, row)
-        save_checkpoint(run.out / "checkpoint.pt", run.payload(total))
+        save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
+    elif not row:  # a finished run resumed: report, change nothing
+        row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
     return row

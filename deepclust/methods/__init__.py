@@ -1,13 +1,18 @@
 """Every method, by name: a plain dict."""
 
+from .anchor_neighbourhood import AND
 from .base import Batch, EpochContext, Method
+from .deepcluster import DeepCluster
+from .invariant_spreading import InvariantSpreading
 from .npid import NPID
+from .odc import ODC
 from .random_init import RandomInit
 from .supervised import Supervised
+from .uic import UIC
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (NPID, Supervised, RandomInit)
+    for cls in (Supervised, RandomInit, NPID, InvariantSpreading, AND, DeepCluster, ODC, UIC)
 }
 
 __all__ = ["METHODS", "Batch", "EpochContext", "Method"]

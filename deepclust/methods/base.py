@@ -35,7 +35,7 @@ class EpochContext:
     seed: int  # a fresh seed for this epoch (k-means, splits, ...)
     generator: torch.Generator  # CPU generator seeded for this epoch
     device: torch.device
-    extract: Callable[[str], torch.Tensor]  # "pooled" | "embedding" -> (N, D) features, eval mode
+    extract: Callable[..., torch.Tensor]  # extract("pooled" | "embedding", normalize=True) -> (N, D), eval mode
     true_labels: torch.Tensor | None = None
     reset_optimizer_state: Callable[[nn.Module], None] = lambda module: None
 

@@ -1,0 +1,66 @@
+"""DeepCluster (Caron et al. 2018): k-means pseudo-labels each epoch, re-initialised classifier, uniform sampling."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backbones import Backbone
+from ..cluster import ClusteringError, balanced_indices, kmeans, pca_whiten, size_stats
+from ..eval.clustering import nmi
+from .base import Batch, EpochContext, Method
+
+
+def cluster_features(feats: torch.Tensor, k: int, pca_dim: int, iters: int, seed: int) -> torch.Tensor:
+    """DeepCluster's clustering: PCA-whitening to min(pca_dim, d), L2 normalisation, k-means. Returns labels."""
+    x = F.normalize(pca_whiten(feats, pca_dim), dim=1)
+    return kmeans(x, k, iters=iters, seed=seed).assignments
+
+
+class DeepCluster(Method):
+    """Before each epoch: cluster the pooled features of every image (eval mode, no augmentation),
+    re-initialise the classifier, and sample uniformly over clusters; train with cross-entropy."""
+
+    name = "deepcluster"
+    eval_feature = "pooled"
+
+    @dataclass
+    class Config:
+        k: int = 1000  # clusters (the PCP paper's CIFAR-10 rerun; 10,000 on ImageNet)
+        pca_dim: int = 256
+        kmeans_iters: int = 20
+
+    def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
+        super().__init__(backbone, num_samples, config, labels)
+        if self.config.k > num_samples:
+            raise ClusteringError(f"deepcluster: k = {self.config.k} clusters but only {num_samples} images; "
+                                  f"pass k=N with N <= {num_samples}")
+        self.classifier = nn.Linear(backbone.feat_dim, self.config.k)
+        self.register_buffer("assignments", torch.full((num_samples,), -1, dtype=torch.long))
+        self.stats: dict[str, float] = {}
+
+    def before_epoch(self, ctx: EpochContext) -> torch.Tensor:
+        t0 = time.perf_counter()
+        feats = ctx.extract("pooled", normalize=False)
+        new = cluster_features(feats, self.config.k, self.config.pca_dim, self.config.kmeans_iters, ctx.seed)
+        self.stats = {"cluster_time": time.perf_counter() - t0, **size_stats(new, self.config.k)}
+        if (self.assignments >= 0).all():
+            self.stats["nmi_prev"] = nmi(self.assignments, new)
+        if ctx.true_labels is not None:
+            self.stats["nmi_labels"] = nmi(ctx.true_labels, new)
+        self.assignments.copy_(new)
+        # Cluster ids mean nothing across epochs: start the classifier afresh, momentum included.
+        self.classifier.reset_parameters()
+        ctx.reset_optimizer_state(self.classifier)
+        return balanced_indices(new, self.num_samples, ctx.generator)
+
+    def loss(self, batch: Batch):
+        logits = self.classifier(self.backbone.features(batch.views[0]))
+        return F.cross_entropy(logits.float(), self.assignments[batch.index]), {}
+
+    def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
+        return self.stats

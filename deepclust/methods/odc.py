@@ -1,0 +1,181 @@
+"""ODC, online deep clustering (Zhan et al. 2020): labels evolve every step through samples and centroids memories."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backbones import Backbone
+from ..cluster import ClusteringError, centroid_sums, kmeans, nearest_centroid, size_stats
+from ..eval.clustering import nmi
+from ..memory import MemoryBank
+from .base import Batch, EpochContext, Method
+
+log = logging.getLogger(__name__)
+
+
+def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Loss weight per class, w_c proportional to 1 / sqrt(N_c), summing to 1 over non-empty classes."""
+    counts = torch.bincount(labels, minlength=k).float()
+    w = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
+    return w / w.sum()
+
+
+def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:
+    """A bool mask of one half of the rows of ``x``: 2-means, or a median cut along the 2-means axis when
+    2-means leaves a side with ``min_side`` members or fewer."""
+    result = kmeans(x, 2, iters=10, seed=seed)
+    side = result.assignments == 1
+    if min_side < int(side.sum()) < x.shape[0] - min_side:
+        return side
+    axis = result.centroids[1] - result.centroids[0]
+    if not torch.any(axis != 0):
+        axis = x[0] - x.mean(0) if x.shape[0] > 1 else torch.ones_like(x[0])
+    proj = x @ axis
+    side = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    side[proj.argsort()[x.shape[0] // 2:]] = True
+    return side
+
+
+class ODC(Method):
+    """Each step: cross-entropy against labels read from the samples memory (class-reweighted), then a
+    momentum update of the batch's memory features and relabelling to the nearest centroid; every
+    ``centroid_interval`` steps the touched centroids are recomputed and small clusters re-split."""
+
+    name = "odc"
+    eval_feature = "pooled"
+
+    @dataclass
+    class Config:
+        k: int = 1000  # clusters (10,000 on ImageNet in the paper)
+        memory_momentum: float = 0.5  # m in F <- m f/|f| + (1 - m) F
+        centroid_interval: int = 10  # steps between centroid recomputations
+        min_cluster: int = 20  # clusters of this size or smaller are dissolved and re-split
+        neck_hidden: int = 512
+        neck_dim: int = 256
+        dropout: float = 0.5
+        init_iters: int = 20  # k-means iterations of the initial clustering
+
+    def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
+        super().__init__(backbone, num_samples, config, labels)
+        c = self.config
+        if c.k > num_samples:
+            raise ClusteringError(f"odc: k = {c.k} clusters but only {num_samples} images; pass k <= {num_samples}")
+        self.min_cluster = c.min_cluster
+        # Splitting the largest cluster must leave halves above the threshold: largest >= N/k > 2 t + 1.
+        if 2 * c.min_cluster + 2 > num_samples / c.k:
+            self.min_cluster = max(0, num_samples // (4 * c.k))
+            log.warning("odc: min_cluster %d is too large for %d samples in %d clusters; using %d",
+                        c.min_cluster, num_samples, c.k, self.min_cluster)
+        # Neck fc-bn-relu-dropout-fc-relu, part of the method (dropped at export), not of the backbone.
+        self.neck = nn.Sequential(nn.Linear(backbone.feat_dim, c.neck_hidden), nn.BatchNorm1d(c.neck_hidden),
+                                  nn.ReLU(inplace=True), nn.Dropout(c.dropout), nn.Linear(c.neck_hidden, c.neck_dim),
+                                  nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(c.neck_dim, c.k)
+        self.memory = MemoryBank(num_samples, c.neck_dim, c.memory_momentum)
+        self.register_buffer("labels", torch.full((num_samples,), -1, dtype=torch.long))
+        self.register_buffer("centroids", torch.zeros(c.k, c.neck_dim))
+        self.register_buffer("weights", torch.full((c.k,), 1.0 / c.k))
+        self.register_buffer("touched", torch.zeros(c.k, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epoch_start_labels", torch.full((num_samples,), -1, dtype=torch.long))
+        self.batch_changes: list[float] = []
+
+    @property
+    def initialised(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+    @torch.no_grad()
+    def initialise(self, ctx: EpochContext) -> None:
+        """One global k-means on the neck features of every image fills both memories."""
+        was_training = self.neck.training
+        self.neck.eval()
+        feats = F.normalize(self.neck(ctx.extract("pooled", normalize=False)), dim=1)
+        self.neck.train(was_training)
+        result = kmeans(feats, self.config.k, iters=self.config.init_iters, seed=ctx.seed)
+        self.memory.fill(feats)
+        self.labels.copy_(result.assignments)
+        self.centroids.copy_(result.centroids)
+        self.deal_with_small_clusters(ctx.seed)
+        self.weights.copy_(class_weights(self.labels, self.config.k))
+
+    def before_epoch(self, ctx: EpochContext) -> None:
+        if not self.initialised:
+            self.initialise(ctx)
+        self.epoch_start_labels.copy_(self.labels)
+        self.batch_changes = []
+        return None
+
+    def loss(self, batch: Batch):
+        z = self.neck(self.backbone.features(batch.views[0]))
+        logits = self.classifier(z).float()
+        loss = F.cross_entropy(logits, self.labels[batch.index], weight=self.weights)
+        return loss, {"neck": z}
+
+    @torch.no_grad()
+    def after_step(self, batch: Batch, outputs) -> None:
+        index = batch.index
+        self.memory.update(index, outputs["neck"])
+        old = self.labels[index]
+        new, _ = nearest_centroid(self.memory.features[index], self.centroids)
+        self.touched[old] = True
+        self.touched[new] = True
+        self.labels[index] = new
+        self.batch_changes.append(float((old != new).float().mean()))
+        self.step += 1
+        if int(self.step) % self.config.centroid_interval == 0:
+            self.update_centroids()
+            self.deal_with_small_clusters(int(self.step))
+            self.weights.copy_(class_weights(self.labels, self.config.k))
+
+    @torch.no_grad()
+    def update_centroids(self, which: torch.Tensor | None = None) -> None:
+        """Recompute the touched centroids (or ``which``) as the mean memory feature of their members."""
+        which = self.touched if which is None else which
+        sums, counts = centroid_sums(self.memory.features, self.labels, self.config.k)
+        update = which & (counts > 0)
+        self.centroids[update] = sums[update] / counts[update].unsqueeze(1).float()
+        self.touched.zero_()
+
+    @torch.no_grad()
+    def deal_with_small_clusters(self, seed: int) -> None:
+        """Dissolve clusters of size <= min_cluster into the nearest normal ones, then give each freed id
+        one half of the then-largest cluster (2-means). Ids stay 0..k-1, none ends up small or empty."""
+        k, feats = self.config.k, self.memory.features
+        counts = torch.bincount(self.labels, minlength=k)
+        small = torch.nonzero(counts <= self.min_cluster).flatten()
+        if small.numel() == 0:
+            return
+        normal = torch.nonzero(counts > self.min_cluster).flatten()
+        if normal.numel() == 0:
+            raise ClusteringError("odc: every cluster is small; lower min_cluster or k")
+        members = torch.nonzero(torch.isin(self.labels, small)).flatten()
+        if members.numel():
+            nearest, _ = nearest_centroid(feats[members], self.centroids[normal])
+            self.labels[members] = normal[nearest]
+        for i, s in enumerate(small.tolist()):
+            counts = torch.bincount(self.labels, minlength=k)
+            largest = int(counts.argmax())
+            rows = torch.nonzero(self.labels == largest).flatten()
+            half = split_in_two(feats[rows], seed * 1000 + i, self.min_cluster)
+            self.labels[rows[half]] = s
+        changed = torch.zeros(k, dtype=torch.bool, device=feats.device)
+        changed[normal] = True  # normal clusters received members
+        changed[small] = True
+        self.update_centroids(changed)
+
+    def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
+        # Close the epoch as an interval boundary does, so no epoch ends with a small or empty cluster.
+        self.update_centroids()
+        self.deal_with_small_clusters(int(self.step))
+        self.weights.copy_(class_weights(self.labels, self.config.k))
+        stats = {"label_change": float((self.labels != self.epoch_start_labels).float().mean()),
+                 "batch_label_change": sum(self.batch_changes) / max(1, len(self.batch_changes)),
+                 **size_stats(self.labels, self.config.k)}
+        if ctx.true_labels is not None:
+            stats["nmi_labels"] = nmi(ctx.true_labels, self.labels)
+        return stats
