@@ -63,6 +63,7 @@ def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Row entropies of softmax(logits)."""
+    """Row entropies of softmax(logits); -inf logits (excluded entries) contribute 0."""
     logp = F.log_softmax(logits.float(), dim=1)
-    return -(logp.exp() * logp).sum(1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)
