@@ -1,3 +1,19 @@
 """deepclust: clustering-based unsupervised representation learning of images."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def fit(method: str = "npid", resume: bool = False, **keys: Any) -> dict[str, Any]:
+    """Train ``method`` with any config keys (as on the command line); returns the last metrics row.
+
+    >>> fit("deepcluster", data="digits", backbone="convnet", epochs=2, k=50, out="runs/api")  # doctest: +SKIP
+    """
+    from .config import resolve
+    from .train import train
+
+    cfg, hparams = resolve([{"method": method, **keys}])
+    return train(cfg, hparams, resume=resume)

@@ -40,14 +40,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def check_compatible(payload: dict[str, Any], method: str | None = None, backbone: str | None = None,
+def check_compatible(payload: dict[str, Any], method: str | None = None, backbone: dict[str, Any] | None = None,
                      path: str | Path = "checkpoint") -> None:
+    """Raise unless the checkpoint holds ``method`` (if given) and a backbone built like ``backbone``
+    (name, width, sobel, embed_dim, ...: every key given must match)."""
     if method is not None and payload["method"] != method:
         raise CheckpointError(f"{path} is a checkpoint of method {payload['method']!r}, not {method!r}; "
                               f"resume with --method {payload['method']} or use a new --out folder")
-    if backbone is not None and payload["backbone"]["name"] != backbone:
-        raise CheckpointError(f"{path} holds backbone {payload['backbone']['name']!r}, not {backbone!r}; "
-                              f"pass --backbone {payload['backbone']['name']}")
+    for key, want in (backbone or {}).items():
+        have = payload["backbone"].get(key)
+        if have != want:
+            fix = f"--backbone {have}" if key == "name" else f"{key}={have}"
+            raise CheckpointError(f"{path} holds a backbone with {key} {have!r}, not {want!r}; pass {fix} to match it")
 
 
 def backbone_from_checkpoint(payload: dict[str, Any]) -> Backbone:

@@ -7,7 +7,6 @@ An unknown key is an error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,31 +69,36 @@ def field_types(cls) -> dict[str, Any]:
 
 def coerce(key: str, value: Any, kind: Any) -> Any:
     """Convert ``value`` (possibly a string from the command line) to the field's type."""
-    if isinstance(value, str) and kind is not str:
-        value = yaml.safe_load(value) if value.strip() else None
     args = typing.get_args(kind)
     optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else kind
+    if isinstance(value, str):
+        if value.strip() in ("", "null", "~", "None"):
+            value = None
+        elif base is not str:
+            value = yaml.safe_load(value)  # numbers, booleans and lists as YAML writes them
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{key} may not be empty")
-    base = next((a for a in args if a is not type(None)), kind) if optional or isinstance(kind, types.UnionType) \
-        else kind
-    origin = typing.get_origin(base)
     try:
-        if origin is list:
+        if typing.get_origin(base) is list:
             (inner,) = typing.get_args(base)
             items = value if isinstance(value, (list, tuple)) else [value]
-            return [inner(v) for v in items]
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        return base(value)
+            return [scalar(inner, v) for v in items]
+        return scalar(base, value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def scalar(kind: type, value: Any) -> Any:
+    if isinstance(value, bool) != (kind is bool):  # True is an int in Python, but not an epoch count
+        raise TypeError
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise TypeError
+    if kind is str and not isinstance(value, str):
+        raise TypeError
+    return kind(value)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

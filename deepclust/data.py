@@ -137,7 +137,7 @@ def load_digits(split: str) -> ImageData:
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
-    # A fixed interleaved split: every 5th image is a test image (1437 train, 360 test).
+    # A fixed interleaved split: every 5th image is a test image (1438 train, 359 test).
     is_test = torch.arange(len(labels)) % 5 == 4
     if split not in ("train", "test"):
         raise DataError(f"digits has splits train and test, not {split!r}")
@@ -185,6 +185,10 @@ def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple
     for i, path in enumerate(tqdm(files, desc="decoding images", leave=False, mininterval=2)):
         try:
             with Image.open(path) as img:
+                if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale, don't clip
+                    wide = np.asarray(img, dtype=np.float64)
+                    top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(wide.max()))
+                    img = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 rgb = img.convert("RGB")
         except Exception as err:  # PIL raises many types for corrupt files
             if bad_images == "fail":

@@ -67,6 +67,12 @@ class Run:
     device: torch.device
     out: Path
     start: int = 0  # next global epoch (round * epochs + epoch)
+    images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
+
+    def __post_init__(self):
+        self.images = self.data.images
+        if self.device.type == "cuda" and self.cfg.num_workers == 0:
+            self.images = self.images.to(self.device)  # uint8 on the device: augmentation never waits for the host
 
     @property
     def eval_feature(self) -> str:
@@ -91,6 +97,11 @@ class Run:
         }
 
 
+def backbone_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """What must match between a checkpoint's backbone and this config's (image size is checked on load)."""
+    return {"name": cfg.backbone, "width": cfg.width, "sobel": cfg.sobel, "embed_dim": cfg.embed_dim}
+
+
 def load_test_data(cfg: TrainConfig) -> ImageData | None:
     spec = cfg.test_data or default_test_spec(cfg.data)
     if not spec:
@@ -104,7 +115,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     payload = None
     if resume:
         payload = load_checkpoint(ckpt_path)
-        check_compatible(payload, cfg.method, cfg.backbone, ckpt_path)
+        check_compatible(payload, cfg.method, backbone_spec(cfg), ckpt_path)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -118,7 +129,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     backbone = Backbone(cfg.backbone, data.image_size, cfg.embed_dim, cfg.sobel, cfg.width)
     if cfg.init and payload is None:
         init = load_checkpoint(cfg.init)
-        check_compatible(init, backbone=cfg.backbone, path=cfg.init)
+        check_compatible(init, backbone=backbone_spec(cfg), path=cfg.init)
         backbone.load_state_dict(backbone_from_checkpoint(init).state_dict())
         log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
@@ -145,7 +156,7 @@ def evaluate_knn(run: Run) -> float | None:
         return None
     backbone = run.method.backbone
     size = run.data.image_size
-    train = extract_features(backbone, run.data.images, run.eval_feature, device=run.device, image_size=size)
+    train = extract_features(backbone, run.images, run.eval_feature, device=run.device, image_size=size)
     test = extract_features(backbone, run.test.images, run.eval_feature, device=run.device, image_size=size)
     return knn_accuracy(test, run.test.labels.to(test.device), train, run.data.labels.to(train.device),
                         run.cfg.knn_k, run.cfg.knn_tau)
@@ -167,7 +178,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     seed = epoch_seed(cfg.seed, round_, epoch)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
-    images = run.data.images
+    images = run.images
 
     def extract(feature: str, normalize: bool = True) -> torch.Tensor:
         return extract_features(method.backbone, images, feature, device=device, normalize=normalize)
@@ -184,7 +195,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
-                                         collate_fn=keep_batch, pin_memory=device.type == "cuda")
+                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
     augment = Augment(run.data.image_size)
     use_amp = cfg.amp and device.type == "cuda"
     channels_last = cfg.channels_last and device.type == "cuda"

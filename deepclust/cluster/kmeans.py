@@ -80,12 +80,16 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
     return assignments
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 8192) -> KMeansResult:
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 8192, n_init: int = 1) -> KMeansResult:
     """Lloyd's k-means: ``iters`` assignment passes, empty clusters split after each.
 
-    Initial centroids are k distinct random rows. The returned centroids are the means of the
-    returned assignments, and no cluster is empty.
+    Initial centroids are k distinct random rows (as faiss). With ``n_init`` > 1 it restarts from
+    seeds seed, seed + 1, ... and keeps the lowest inertia. The returned centroids are the means of
+    the returned assignments, and no cluster is empty.
     """
+    if n_init > 1:
+        runs = [kmeans(x, k, iters, seed + i, chunk) for i in range(n_init)]
+        return min(runs, key=lambda r: r.inertia)
     n = x.shape[0]
     if k < 1:
         raise ClusteringError(f"k must be at least 1, got {k}")

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
+from ..data import DataError
 from .base import Batch, Method
 
 
@@ -25,7 +26,7 @@ class Supervised(Method):
                  labels: torch.Tensor | None = None):
         super().__init__(backbone, num_samples, config, labels)
         if labels is None:
-            raise ValueError("method 'supervised' needs labelled training data (class subfolders, "
+            raise DataError("method 'supervised' needs labelled training data (class subfolders, "
                              "'labels' in the .npz, or a labelled torchvision source)")
         self.register_buffer("labels", labels.clone())
         self.classifier = nn.Linear(backbone.feat_dim, int(labels.max()) + 1)

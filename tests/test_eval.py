@@ -1,0 +1,126 @@
+"""Evaluation protocols: weighted kNN, Hungarian accuracy, clustering metrics, linear probe, feature passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepclust.augment import test_transform as plain_transform
+from deepclust.backbones import Backbone
+from deepclust.eval import (
+    cluster_metrics,
+    extract_features,
+    hungarian_accuracy,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    nmi,
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("k, tau", [(200, 0.1), (7, 0.1), (15, 0.5)])
+def test_knn_accuracy_matches_sklearn_reference(sklearn_knn, k, tau):
+    # weakly informative random features: accuracy is neither 0 nor 100, so mistakes would show
+    train_labels = torch.randint(0, 5, (300,), generator=gen(0))
+    test_labels = torch.randint(0, 5, (120,), generator=gen(1))
+    centres = torch.randn(5, 16, generator=gen(2))
+    train = F.normalize(centres[train_labels] * 0.4 + torch.randn(300, 16, generator=gen(3)), dim=1)
+    test = F.normalize(centres[test_labels] * 0.4 + torch.randn(120, 16, generator=gen(4)), dim=1)
+    ours = knn_accuracy(test, test_labels, train, train_labels, k=k, tau=tau)
+    pred = sklearn_knn(train.numpy(), train_labels.numpy(), test.numpy(), k=k, tau=tau)
+    reference = 100.0 * int((torch.from_numpy(pred) == test_labels).sum()) / len(test_labels)
+    assert 20 < reference < 100
+    assert ours == pytest.approx(reference, abs=1e-9)
+
+
+def test_knn_predict_scores_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    scores = knn_predict(test, train, labels, num_classes=3, k=2, tau=0.5)
+    expected = torch.tensor([[math.exp(1.0 / 0.5), math.exp(0.6 / 0.5), 0.0]])  # neighbours 0 and 2
+    torch.testing.assert_close(scores, expected)
+    # k larger than the training set: all neighbours vote
+    scores = knn_predict(test, train, labels, num_classes=2, k=50, tau=1.0)
+    expected = torch.tensor([[math.exp(1.0), math.exp(0.0) + math.exp(0.6)]])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_knn_predict_chunking_is_invisible():
+    train = F.normalize(torch.randn(50, 8, generator=gen(5)), dim=1)
+    test = F.normalize(torch.randn(23, 8, generator=gen(6)), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=gen(7))
+    torch.testing.assert_close(knn_predict(test, train, labels, 4, k=10, chunk=4),
+                               knn_predict(test, train, labels, 4, k=10, chunk=1024))
+
+
+def test_hungarian_accuracy_permuted_labelling_is_100():
+    truth = torch.randint(0, 6, (200,), generator=gen(0))
+    perm = torch.tensor([3, 5, 0, 1, 4, 2])
+    assert hungarian_accuracy(perm[truth], truth) == pytest.approx(100.0)
+    assert nmi(perm[truth], truth) == pytest.approx(1.0)
+
+
+def test_hungarian_accuracy_by_hand():
+    assert hungarian_accuracy(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 1, 0, 0, 1])) == pytest.approx(80.0)
+    # more clusters than classes: only one cluster per class counts
+    assert hungarian_accuracy([0, 1, 2, 2], [0, 0, 1, 1]) == pytest.approx(75.0)
+
+
+def test_cluster_metrics_on_separable_data():
+    labels = torch.arange(4).repeat_interleave(40)
+    centres = F.normalize(torch.randn(4, 12, generator=gen(1)), dim=1) * 5
+    feats = F.normalize(centres[labels] + 0.2 * torch.randn(160, 12, generator=gen(2)), dim=1)
+    result = cluster_metrics(feats, labels)
+    assert set(result) == {"nmi", "ari", "acc"}
+    assert result["nmi"] > 0.99 and result["ari"] > 0.99 and result["acc"] > 99.0
+
+
+def test_cluster_metrics_on_noise_is_low():
+    labels = torch.arange(4).repeat_interleave(40)
+    feats = F.normalize(torch.randn(160, 12, generator=gen(3)), dim=1)
+    result = cluster_metrics(feats, labels)
+    assert result["nmi"] < 0.2 and result["acc"] < 50.0
+
+
+def test_linear_probe_on_separable_features():
+    # three Gaussian classes whose means lie 6 standard deviations apart along random directions
+    centres = F.normalize(torch.randn(3, 20, generator=gen(0)), dim=1) * 6
+    ytr = torch.arange(3).repeat_interleave(100)
+    yte = torch.arange(3).repeat_interleave(40)
+    xtr = centres[ytr] + torch.randn(300, 20, generator=gen(1)) + 2
+    xte = centres[yte] + torch.randn(120, 20, generator=gen(2)) + 2
+    assert linear_probe(xtr, ytr, xte, yte) > 95.0
+    # random labels cannot be learned for unseen data
+    assert linear_probe(xtr, torch.randint(0, 3, (300,), generator=gen(3)), xte,
+                        torch.randint(0, 3, (120,), generator=gen(4))) < 60.0
+
+
+def test_extract_features_modes_shapes_and_values():
+    torch.manual_seed(0)
+    model = Backbone("convnet", image_size=16, width=4)
+    model.train()
+    images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8, generator=gen(5))
+    emb = extract_features(model, images, "embedding", batch_size=3)
+    pooled = extract_features(model, images, "pooled", batch_size=3, normalize=False)
+    assert model.training  # mode restored
+    assert emb.shape == (7, 128) and emb.dtype == torch.float32
+    assert pooled.shape == (7, model.feat_dim)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(7))
+    model.eval()
+    with torch.no_grad():
+        x = plain_transform(images, 16)
+        torch.testing.assert_close(emb, model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled, model.features(x), atol=1e-5, rtol=1e-5)
+    normed = extract_features(model, images, "pooled")
+    torch.testing.assert_close(normed, F.normalize(pooled, dim=1), atol=1e-5, rtol=1e-5)
+    assert extract_features(model, images, "embedding", image_size=8).shape == (7, 128)
+    with pytest.raises(ValueError, match="embedding"):
+        extract_features(model, images, "logits")
