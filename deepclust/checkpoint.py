@@ -60,4 +60,4 @@ def backbone_from_checkpoint(payload: dict[str, Any]) -> Backbone:
     model = Backbone(spec["name"], spec["image_size"], spec["embed_dim"], spec["sobel"], spec["width"])
     state = {k[len("backbone."):]: v for k, v in payload["state"].items() if k.startswith("backbone.")}
     model.load_state_dict(state)
-    return model
+    return model.to(memory_format=torch.channels_last)

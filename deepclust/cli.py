@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoi
 from .cluster import ClusteringError
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, default_test_spec, load_data
-from .eval import cluster_metrics, extract_features, knn_accuracy, linear_probe
+from .eval import evaluate_backbone, extract_features
 
 log = logging.getLogger("deepclust")
 
@@ -56,23 +56,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     train, test = load_eval_data(args, payload)
     if test is None:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
-    if train.labels is None or test.labels is None:
-        raise DataError("eval needs labelled --data and --test-data (class subfolders or 'labels')")
-    result = {"checkpoint": str(args.checkpoint), "method": payload["method"], "protocol": args.protocol}
+    feature = args.feature or payload["eval_feature"]
+    result = {"checkpoint": str(args.checkpoint), "method": payload["method"], "protocol": args.protocol,
+              "feature": "pooled" if args.protocol == "linear" else feature}
     if args.protocol == "knn":
-        feature = args.feature or payload["eval_feature"]
-        ftr = extract_features(model, train.images, feature, device=device)
-        fte = extract_features(model, test.images, feature, device=device)
-        result.update(feature=feature, k=args.k, knn_top1=knn_accuracy(fte, test.labels, ftr, train.labels,
-                                                                         args.k, args.tau))
-    elif args.protocol == "linear":
-        ftr = extract_features(model, train.images, "pooled", device=device, normalize=False)
-        fte = extract_features(model, test.images, "pooled", device=device, normalize=False)
-        result.update(linear_top1=linear_probe(ftr, train.labels, fte, test.labels))
-    else:
-        feature = args.feature or payload["eval_feature"]
-        fte = extract_features(model, test.images, feature, device=device)
-        result.update(feature=feature, **cluster_metrics(fte, test.labels))
+        result["k"] = args.k
+    result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau))
     if args.json:
         print(json.dumps(result))
     else:

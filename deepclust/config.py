@@ -52,7 +52,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU
-    channels_last: bool = True  # on GPU
+    channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
     progress: bool = True
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all

@@ -134,7 +134,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
     method.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -198,7 +198,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
     augment = Augment(run.data.image_size)
     use_amp = cfg.amp and device.type == "cuda"
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last
     method.train()
     total, steps = torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=f"round {round_} epoch {epoch}", leave=False, disable=not cfg.progress)

@@ -21,20 +21,29 @@ class KMeansResult:
     inertia: float  # sum of squared distances to the assigned centroid
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def row_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """argmax over dim 1. On CPU through NumPy, whose SIMD argmax was 7x faster than torch's here."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(scores.numpy().argmax(1))
+    return scores.argmax(1)
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest centroid (L2) for every row, and the squared distance to it.
 
-    argmin |x - c|^2 = argmax (x . c - |c|^2 / 2): one matrix product per chunk, no N x k distance matrix.
+    argmin |x - c|^2 = argmax (x . c - |c|^2 / 2): one matrix product per chunk of rows (small enough to
+    stay in cache), no N x k distance matrix.
     """
     half_sq = 0.5 * (centroids * centroids).sum(1)
-    x_sq = (x * x).sum(1)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     ct = centroids.t().contiguous()
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    best = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk):
         scores = torch.addmm(half_sq, x[start:start + chunk], ct, beta=-1.0)
-        best, labels[start:start + chunk] = scores.max(1)
-        dist[start:start + chunk] = x_sq[start:start + chunk] - 2 * best
+        idx = row_argmax(scores).to(x.device)
+        labels[start:start + chunk] = idx
+        best[start:start + chunk] = scores.gather(1, idx.unsqueeze(1)).squeeze(1)
+    dist = (x * x).sum(1) - 2 * best
     return labels, dist.clamp_(min=0)
 
 
@@ -80,7 +89,7 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
     return assignments
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 8192, n_init: int = 1) -> KMeansResult:
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 1024, n_init: int = 1) -> KMeansResult:
     """Lloyd's k-means: ``iters`` assignment passes, empty clusters split after each.
 
     Initial centroids are k distinct random rows (as faiss). With ``n_init`` > 1 it restarts from

@@ -24,7 +24,7 @@ def hungarian_accuracy(pred, truth) -> float:
     table = np.zeros((pred.max() + 1, truth.max() + 1), dtype=np.int64)
     np.add.at(table, (pred, truth), 1)
     rows, cols = linear_sum_assignment(-table)
-    return 100.0 * table[rows, cols].sum() / len(truth)
+    return 100.0 * float(table[rows, cols].sum()) / len(truth)
 
 
 def cluster_metrics(features: torch.Tensor, labels: torch.Tensor, k: int | None = None, seed: int = 0) -> dict:

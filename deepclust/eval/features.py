@@ -10,23 +10,26 @@ from ..backbones import Backbone
 
 
 @torch.no_grad()
-def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embedding", batch_size: int = 512,
+def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embedding", batch_size: int | None = None,
                      device: torch.device | str = "cpu", image_size: int | None = None,
                      normalize: bool = True) -> torch.Tensor:
     """(N, D) float32 features of uint8 ``images`` with the test transform.
 
     ``feature`` is "embedding" (the 128-d head output) or "pooled" (the trunk's pooled features).
-    Restores the model's train/eval mode afterwards.
+    Inputs go in channels_last (NHWC), about twice as fast here on CPU. Batches of 128 on CPU (they
+    stay in cache), 1024 on GPU. Restores the model's train/eval mode afterwards.
     """
     if feature not in ("embedding", "pooled"):
         raise ValueError(f"feature must be 'embedding' or 'pooled', not {feature!r}")
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    batch_size = batch_size or (1024 if device.type == "cuda" else 128)
     size = image_size or images.shape[-1]
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             f = model.features(x)
             f = model.embed(f) if feature == "embedding" else f

@@ -9,7 +9,7 @@ import torch
 from ..backbones import Backbone
 from ..losses import group_loss, instance_positives
 from ..memory import MemoryBank
-from .base import Batch, Method
+from .base import Batch, EpochContext, Method
 
 
 class NPID(Method):
@@ -24,10 +24,20 @@ class NPID(Method):
     class Config:
         tau: float = 0.1  # softmax temperature
         bank_momentum: float = 0.5  # eta in m_i <- normalise((1 - eta) m_i + eta f_i)
+        bank_init: str = "random"  # random | features (a feature pass before the first epoch)
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
+        if self.config.bank_init not in ("random", "features"):
+            raise ValueError(f"bank_init must be 'random' or 'features', not {self.config.bank_init!r}")
         self.bank = MemoryBank(num_samples, backbone.embed_dim, self.config.bank_momentum)
+        self.register_buffer("bank_filled", torch.zeros((), dtype=torch.bool))
+
+    def before_epoch(self, ctx: EpochContext) -> None:
+        if self.config.bank_init == "features" and not bool(self.bank_filled):
+            self.bank.fill(ctx.extract("embedding"))
+        self.bank_filled.fill_(True)
+        return None
 
     def positives(self, index: torch.Tensor) -> torch.Tensor:
         return instance_positives(index, self.num_samples)

@@ -1,0 +1,511 @@
+"""Benchmark harness: train every method under one fixed profile, evaluate it, tabulate.
+
+    python -m benchmarks.run --profile smoke|cpu|paper [--methods m1,m2] [--data SPEC] [--test-data SPEC]
+                             [--epochs N | --max-epochs N] [--threads T] [--timeout S] --out DIR
+
+Each method runs in its own subprocess (``--one METHOD``, so peak RSS is that method's own), trains
+through ``deepclust.config.resolve`` + ``deepclust.train.train`` into DIR/METHOD, then evaluates the
+final checkpoint: kNN top-1 (the trainer's last metrics row), a linear probe on pooled features and
+clustering metrics on the method's eval features of the test set. The parent writes DIR/results.json,
+DIR/results.md and DIR/knn_curves.png, and exits 1 naming every method that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .hostload import CpuWatch, busy_note
+from .profiles import PAPER_KNN, PAPER_KNN_HEADER, PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = "supervised"  # epoch times are given relative to this method's
+PATH_KEYS = ("data", "test_data")
+
+log = logging.getLogger("benchmarks")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def method_order(available: list[str]) -> list[str]:
+    """Every method in METHODS' order, with the reference first (its epoch time is the unit)."""
+    return ([REFERENCE] if REFERENCE in available else []) + [m for m in available if m != REFERENCE]
+
+
+def resolve_repo_path(value: Any) -> Any:
+    """A profile's relative filesystem path ('../shared/...') is relative to the repository root."""
+    if not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    if value.startswith(("./", "../")):
+        return os.path.normpath(REPO / value)
+    return value
+
+
+def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[list[dict], dict, list[str]]:
+    """Config layers for ``method``: profile < per-method override < command line.
+
+    Returns (layers, applied per-method override, dropped override keys). Override keys the method
+    does not accept are dropped (resolve() would reject them) and reported, never passed.
+    """
+    from deepclust.config import TrainConfig, field_types
+    from deepclust.methods import METHODS
+
+    spec = PROFILES[profile]
+    base = {k: resolve_repo_path(v) if k in PATH_KEYS else v for k, v in spec["train"].items()}
+    if args.data is not None:  # a new training source: its test split, unless one is given
+        base["data"], base["test_data"] = args.data, args.test_data
+    elif args.test_data is not None:
+        base["test_data"] = args.test_data
+    valid = set(field_types(TrainConfig)) | set(field_types(METHODS[method].Config))
+    override = spec["methods"].get(method, {})
+    applied = {k: v for k, v in override.items() if k in valid}
+    dropped = sorted(k for k in override if k not in valid)
+    cli = {"method": method, "out": str(Path(args.out) / method)}
+    if args.epochs is not None:
+        cli["epochs"] = args.epochs
+    if args.max_epochs is not None:
+        if "stop_after" not in valid:
+            raise ValueError("--max-epochs needs the trainer key stop_after, which this deepclust lacks; "
+                             "use --epochs")
+        cli["stop_after"] = args.max_epochs
+    return [base, applied, cli], applied, dropped
+
+
+# ---------------------------------------------------------------------------------------------- child
+
+
+def peak_rss_mb() -> float:
+    """Process-wide peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate(cfg, device, need_knn: bool) -> dict[str, Any]:
+    """Linear probe (pooled, un-normalised) and clustering metrics (eval feature) of the final checkpoint.
+
+    kNN top-1 too when ``need_knn`` (a run cut short by stop_after logs none for its last epoch).
+    """
+    from deepclust.checkpoint import backbone_from_checkpoint, load_checkpoint
+    from deepclust.data import default_test_spec, load_data
+    from deepclust.eval import evaluate_backbone
+
+    payload = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
+    model = backbone_from_checkpoint(payload).to(device)
+    size = payload["backbone"]["image_size"]
+    train = load_data(cfg.data, "train", size, cfg.bad_images, cfg.subset)
+    test_spec = cfg.test_data or default_test_spec(cfg.data)
+    if not test_spec:
+        raise ValueError(f"no test split for data {cfg.data!r}; pass --test-data")
+    test = load_data(test_spec, "test", size, cfg.bad_images, cfg.test_subset)
+    protocols = ("linear", "cluster", "knn") if need_knn else ("linear", "cluster")
+    out: dict[str, Any] = {"eval_feature": payload["eval_feature"], "train_images": len(train),
+                           "test_images": len(test)}
+    out.update(evaluate_backbone(model, train, test, payload["eval_feature"], protocols, device,
+                                 cfg.knn_k, cfg.knn_tau))
+    if need_knn:
+        out["knn_source"] = "harness (the last metrics row had none)"
+    return out
+
+
+def finish_curve(result: dict[str, Any]) -> None:
+    """A kNN top-1 the harness computed (run cut short) ends the curve at the last epoch run."""
+    if result.get("knn_source") and result.get("knn_top1") is not None:
+        result["knn_curve"].append([result.get("epochs_run", 0), result["knn_top1"]])
+
+
+def run_one(args: argparse.Namespace) -> int:
+    """Train and evaluate one method in this process; write DIR/METHOD/result.json. 0 when all went well."""
+    import torch
+
+    from deepclust.config import as_dict, resolve
+    from deepclust.methods import METHODS
+    from deepclust.train import resolve_device, train
+
+    method = args.one
+    mdir = Path(args.out) / method
+    mdir.mkdir(parents=True, exist_ok=True)
+    result_path = mdir / "result.json"
+    result_path.unlink(missing_ok=True)
+    t_start, watch = time.perf_counter(), CpuWatch()
+    result: dict[str, Any] = {"method": method, "status": "failed", "stage": "config"}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    result.update(rss_after_imports_mb=peak_rss_mb(), load_average_start=os.getloadavg())
+    try:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        cls = METHODS[method]
+        result.update(views=cls.views, trains=cls.trains)
+        layers, applied, dropped = build_layers(args.profile, method, args)
+        result.update(overrides=applied, dropped_overrides=dropped)
+        cfg, hparams = resolve(layers)
+        result["config"] = as_dict(cfg, hparams)
+        device = resolve_device(cfg.device)
+        result.update(device=str(device), torch_threads=torch.get_num_threads())
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        result["stage"] = "train"
+        t0 = time.perf_counter()
+        train(cfg, hparams)
+        result["train_wall_s"] = time.perf_counter() - t0
+        result["peak_rss_train_mb"] = peak_rss_mb()
+        if cuda:
+            result["gpu_peak_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        rows = read_metrics(mdir / "metrics.jsonl")
+        times = [r["time"] for r in rows if "time" in r]
+        result.update(
+            epochs_run=len(times),
+            epoch_times_s=times,
+            epoch_time_median_s=statistics.median(times) if times else None,
+            targets_time_median_s=statistics.median(r.get("targets_time", 0.0) for r in rows) if times else None,
+            knn_top1=rows[-1].get("knn_top1") if rows else None,
+            knn_curve=[[r["global_epoch"] + 1 if "time" in r else r["global_epoch"], r["knn_top1"]]
+                       for r in rows if r.get("knn_top1") is not None],
+            label_change_curve=[[r["global_epoch"] + 1, r["label_change"]] for r in rows if "label_change" in r],
+            last_row={k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))} if rows else {},
+        )
+        result["stage"] = "eval"
+        t0 = time.perf_counter()
+        result.update(evaluate(cfg, device, need_knn=result["knn_top1"] is None))
+        result["eval_wall_s"] = time.perf_counter() - t0
+        finish_curve(result)
+        result["status"] = "ok"
+        del result["stage"]
+    except Exception as err:  # report any failure as a result, never as a hole
+        traceback.print_exc()
+        result["error"] = f"{result['stage']}: {type(err).__name__}: {err}".strip()
+    finally:
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["load_average_end"] = os.getloadavg()
+        result["other_cores"] = watch.other_cores()
+        if cuda:
+            result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["wall_s"] = time.perf_counter() - t_start
+        result_path.write_text(json.dumps(result, indent=1))
+    return 0 if result["status"] == "ok" else 1
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def child_command(args: argparse.Namespace, method: str) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.run", "--one", method, "--profile", args.profile, "--out", args.out]
+    for flag, value in (("--data", args.data), ("--test-data", args.test_data), ("--epochs", args.epochs),
+                        ("--max-epochs", args.max_epochs), ("--threads", args.threads)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    if not path.is_file():
+        return ""
+    text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return " | ".join(text[-lines:])
+
+
+def run_child(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    mdir = Path(args.out) / method
+    mdir.mkdir(parents=True, exist_ok=True)
+    result_path = mdir / "result.json"
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    failure = None
+    with open(mdir / "log.txt", "w") as logf:
+        try:
+            proc = subprocess.run(child_command(args, method), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                  timeout=args.timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc, failure = None, f"timed out after {args.timeout} s"
+    wall = time.perf_counter() - t0
+    result: dict[str, Any] = {"method": method, "status": "failed"}
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text())
+        except json.JSONDecodeError as err:
+            failure = failure or f"unreadable result.json ({err})"
+    if failure or result.get("status") != "ok":
+        result["status"] = "failed"
+        result["error"] = failure or result.get("error") or (
+            f"exit code {rc} without a result; log: {log_tail(mdir / 'log.txt')}")
+        if rc is not None and rc < 0:
+            result["error"] += f" (killed by signal {-rc})"
+    elif rc != 0:
+        result.update(status="failed", error=f"exit code {rc} after a successful result")
+    result["subprocess_wall_s"] = wall
+    result["log"] = str(mdir / "log.txt")
+    return result
+
+
+def add_ratios(results: list[dict]) -> float | None:
+    """Epoch time relative to the reference method's median epoch time, and per view for 2-view methods."""
+    ref = next((r.get("epoch_time_median_s") for r in results if r["method"] == REFERENCE), None)
+    for r in results:
+        t = r.get("epoch_time_median_s")
+        r["ratio_to_supervised"] = t / ref if ref and t is not None else None
+        views = r.get("views") or 1
+        r["ratio_per_view"] = r["ratio_to_supervised"] / views if views == 2 and r["ratio_to_supervised"] else None
+        r["paper_knn"] = PAPER_KNN.get(r["method"])
+    return ref
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    results = summary["methods"]
+    cfg = summary["profile_train"]
+    lines = [
+        f"# deepclust benchmark: profile `{summary['profile']}`",
+        "",
+        f"- data: `{cfg.get('data')}` (test: `{cfg.get('test_data') or 'its own test split'}`), subset "
+        f"{fmt(cfg.get('subset'))}, test subset {fmt(cfg.get('test_subset'))}",
+        f"- backbone `{cfg.get('backbone')}`" + (f" width {cfg['width']}" if cfg.get("backbone") == "convnet" else "")
+        + f", epochs {cfg.get('epochs')} per round"
+        + (f" (stopped after {cfg['stop_after']} in all: --max-epochs)" if cfg.get("stop_after") else "")
+        + f", batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, "
+        f"decay at {cfg.get('lr_decay_at')}, eval every {cfg.get('eval_every')}",
+        f"- started {summary['started']}, total wall {summary['total_wall_s']:.1f} s, host: {summary['host']}",
+        f"- reference ({REFERENCE}) median epoch: {fmt(summary['reference_epoch_s'], 3)} s",
+    ]
+    others = [r["other_cores"] for r in results if r.get("other_cores") is not None]
+    busy = busy_note(max(others) if others else None)
+    if busy:
+        lines.append(f"- **{busy}** (worst method; see run details)")
+    if not summary["complete"]:
+        lines.append(f"- **incomplete**: {len(results)} of {len(summary['selected'])} methods done so far")
+    lines += [
+        "",
+        f"| method | kNN top-1 | linear top-1 | NMI | ARI | acc | epoch s | ratio to supervised | ratio per view "
+        f"| peak RSS MB | {PAPER_KNN_HEADER} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        name = r["method"] if r["status"] == "ok" else f"{r['method']} (FAILED)"
+        lines.append(
+            f"| {name} | {fmt(r.get('knn_top1'))} | {fmt(r.get('linear_top1'))} | {fmt(r.get('nmi'), 3)} "
+            f"| {fmt(r.get('ari'), 3)} | {fmt(r.get('acc'))} | {fmt(r.get('epoch_time_median_s'))} "
+            f"| {fmt(r.get('ratio_to_supervised'))} | {fmt(r.get('ratio_per_view'))} | {fmt(r.get('peak_rss_mb'), 0)} "
+            f"| {r.get('paper_knn') or '-'} |")
+    lines += ["", "Run details:", "",
+              "| method | views | epochs run | targets s (median) | train s | eval s | subprocess s "
+              "| RSS after imports MB | GPU peak MB | other cores | per-method overrides |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in results:
+        overrides = ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "-"
+        if r.get("dropped_overrides"):
+            overrides += f" (dropped, not keys of this method: {', '.join(r['dropped_overrides'])})"
+        lines.append(
+            f"| {r['method']} | {fmt(r.get('views'))} | {fmt(r.get('epochs_run'))} "
+            f"| {fmt(r.get('targets_time_median_s'), 3)} | {fmt(r.get('train_wall_s'), 1)} "
+            f"| {fmt(r.get('eval_wall_s'), 1)} | {fmt(r.get('subprocess_wall_s'), 1)} "
+            f"| {fmt(r.get('rss_after_imports_mb'), 0)} | {fmt(r.get('gpu_peak_mb'), 0)} | {fmt(r.get('other_cores'))} "
+            f"| {overrides} |")
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        lines += [""] + [f"FAILED: {r['method']} ({r.get('error')})" for r in failed]
+    lines += ["", "kNN / linear / acc in %; NMI, ARI in [0, 1] (ARI in [-1, 1]). epoch s: median of the trainer's "
+              "per-epoch `time` (targets + steps, no kNN pass). ratio per view: for 2-view methods. "
+              f"{PAPER_KNN_HEADER}: published CIFAR-10 ResNet-18 numbers (METHODS.md); comparable only with the "
+              "paper profile run in full.", "", "![kNN curves](knn_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    last_epoch = max((p[0] for r in results for p in r.get("knn_curve") or []), default=1)
+    for r in results:
+        curve = r.get("knn_curve") or []
+        if not curve:
+            continue
+        xs, ys = zip(*curve, strict=True)
+        if not r.get("trains", True):  # untrained reference: a level, not a curve
+            ax.axhline(ys[-1], linestyle=":", color="gray", label=f"{r['method']} (untrained)")
+        else:
+            ax.plot(xs, ys, marker="o", markersize=3, label=r["method"])
+    ax.set_xlim(0, max(1, last_epoch))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no kNN results", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_label_change(results: list[dict], path: Path, title: str) -> None:
+    """ODC's (and UIC's) label-change ratio over epochs: how fast the pseudo-labels settle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(r["method"], r["label_change_curve"]) for r in results if r.get("label_change_curve")]
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves:
+        xs, ys = zip(*curve, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction of samples whose label changed")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> None:
+    summary["reference_epoch_s"] = add_ratios(summary["methods"])
+    summary["failed"] = [r["method"] for r in summary["methods"] if r["status"] != "ok"]
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(markdown(summary))
+    try:
+        plot_curves(summary["methods"], out / "knn_curves.png", f"kNN top-1, profile {summary['profile']}")
+        plot_label_change(summary["methods"], out / "label_change.png",
+                          f"fraction of labels changed per epoch, profile {summary['profile']}")
+    except Exception as err:  # a plot problem must not hide the numbers
+        log.warning("could not draw the plots: %s", err)
+
+
+def host_info(threads: int | None) -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({threads or torch.get_num_threads()} threads), {gpu}")
+
+
+def run_all(args: argparse.Namespace) -> int:
+    from deepclust.methods import METHODS
+
+    available = list(METHODS)
+    if args.methods:
+        selected = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in selected if m not in METHODS]
+        if unknown:
+            print(f"benchmarks.run: unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}",
+                  file=sys.stderr)
+            return 2
+        selected = method_order(selected)
+    else:
+        selected = method_order(available)
+    try:
+        layers, _, _ = build_layers(args.profile, selected[0], args)
+    except ValueError as err:
+        print(f"benchmarks.run: {err}", file=sys.stderr)
+        return 2
+    data = layers[0]["data"]
+    if (data.startswith(("/", "./", "../")) or os.sep in data) and not Path(data).exists():
+        print(f"benchmarks.run: no data at {data}; pass --data SPEC", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "profile": args.profile, "argv": sys.argv, "selected": selected,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"), "host": host_info(args.threads),
+        "profile_train": layers[0] | {k: v for k, v in layers[2].items() if k in ("epochs", "stop_after")},
+        "profile_methods": PROFILES[args.profile]["methods"], "methods": [], "complete": False, "total_wall_s": 0.0,
+    }
+    if REFERENCE not in selected:
+        print(f"note: {REFERENCE} is not selected, so there is no epoch-time reference", file=sys.stderr)
+    t0 = time.perf_counter()
+    for i, method in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] {method} ...", flush=True)
+        r = run_child(args, method)
+        summary["methods"].append(r)
+        summary["total_wall_s"] = time.perf_counter() - t0
+        if r["status"] == "ok":
+            print(f"    ok in {r['subprocess_wall_s']:.1f} s: kNN {fmt(r.get('knn_top1'))}, linear "
+                  f"{fmt(r.get('linear_top1'))}, NMI {fmt(r.get('nmi'), 3)}, "
+                  f"epoch {fmt(r.get('epoch_time_median_s'))} s", flush=True)
+        else:
+            print(f"    FAILED in {r['subprocess_wall_s']:.1f} s: {r.get('error')} (log: {r['log']})", flush=True)
+        write_outputs(summary, out)
+    summary["complete"] = True
+    summary["total_wall_s"] = time.perf_counter() - t0
+    write_outputs(summary, out)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'knn_curves.png'} "
+          f"({summary['total_wall_s']:.1f} s)")
+    failed = [r for r in summary["methods"] if r["status"] != "ok"]
+    for r in failed:
+        print(f"FAILED: {r['method']} ({r.get('error')})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=tuple(PROFILES), required=True)
+    p.add_argument("--methods", help="comma-separated method names (default: every method, supervised first)")
+    p.add_argument("--data", help="training data spec, replacing the profile's (its test split unless --test-data)")
+    p.add_argument("--test-data", help="test data spec, replacing the profile's")
+    p.add_argument("--epochs", type=int,
+                   help="epochs per round for every method, replacing the profile's (the lr schedule scales "
+                        "with it)")
+    p.add_argument("--max-epochs", type=int,
+                   help="stop every method after this many epochs in all, keeping the profile's schedule "
+                        "(trainer key stop_after): a timed check of a long profile")
+    p.add_argument("--threads", type=int, help="torch intra-op threads in each method's process (default: torch's)")
+    p.add_argument("--timeout", type=float, help="seconds allowed per method (default: no limit)")
+    p.add_argument("--out", required=True, help="output folder; each method writes into OUT/METHOD")
+    p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)  # internal: run one method in-process
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, value in (("--epochs", args.epochs), ("--max-epochs", args.max_epochs)):
+        if value is not None and value < 1:
+            build_parser().error(f"{flag} must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return run_one(args) if args.one else run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

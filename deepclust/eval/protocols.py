@@ -1,0 +1,43 @@
+"""The evaluation protocols on one backbone, as the CLI and the benchmarks run them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backbones import Backbone
+from ..data import DataError, ImageData
+from .clustering import cluster_metrics
+from .features import extract_features
+from .knn import knn_accuracy
+from .linear import linear_probe
+
+PROTOCOLS = ("knn", "linear", "cluster")
+
+
+def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, feature: str,
+                      protocols: tuple[str, ...] = PROTOCOLS, device: torch.device | str = "cpu",
+                      knn_k: int = 200, knn_tau: float = 0.1) -> dict[str, Any]:
+    """kNN top-1 (``feature``, k, tau), linear top-1 (pooled, frozen) and clustering NMI/ARI/accuracy
+    (k-means with the true class count on the test ``feature``), whichever ``protocols`` asks for."""
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    if train.labels is None or test.labels is None:
+        raise DataError("evaluation needs labelled train and test data (class subfolders or 'labels')")
+    size = train.image_size
+    out: dict[str, Any] = {}
+
+    def feats(data: ImageData, kind: str, normalize: bool = True) -> torch.Tensor:
+        return extract_features(model, data.images, kind, device=device, image_size=size, normalize=normalize)
+
+    ytr, yte = train.labels.to(device), test.labels.to(device)
+    test_feats = feats(test, feature) if {"knn", "cluster"} & set(protocols) else None
+    if "knn" in protocols:
+        out["knn_top1"] = knn_accuracy(test_feats, yte, feats(train, feature), ytr, knn_k, knn_tau)
+    if "linear" in protocols:
+        out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte)
+    if "cluster" in protocols:
+        out.update(cluster_metrics(test_feats, yte))
+    return out
