@@ -24,7 +24,7 @@ class NPID(Method):
     class Config:
         tau: float = 0.1  # softmax temperature
         bank_momentum: float = 0.5  # eta in m_i <- normalise((1 - eta) m_i + eta f_i)
-        bank_init: str = "random"  # random | features (a feature pass before the first epoch)
+        bank_init: str = "features"  # features (a feature pass before the first epoch) | random
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
