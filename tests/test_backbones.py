@@ -83,3 +83,27 @@ def test_unknown_backbone_lists_names():
         Backbone("resnet9000")
     for name in BACKBONES:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name,sobel", [(n, False) for n in sorted(BACKBONES)] + [("convnet", True)])
+def test_feature_pass_with_folded_conv_bn_matches_the_model(name, sobel):
+    from deepclust.augment import test_transform
+    from deepclust.eval.features import extract_features, inference_trunk
+
+    torch.manual_seed(0)
+    model = Backbone(name, 32, sobel=sobel, width=8)
+    model.train()
+    model.features(torch.randn(4, 3, 32, 32))  # BN running statistics away from their defaults
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert type(inference_trunk(model)).__name__ == "GraphModule"  # the fold really happened
+    model.eval()
+    with torch.no_grad():
+        x = test_transform(images, 32)
+        pooled, embedding = model.features(x), model(x)
+    assert model.training is False
+    model.train()
+    got_pooled = extract_features(model, images, "pooled", normalize=False)
+    got_embedding = extract_features(model, images, "embedding")
+    assert model.training is True  # mode restored
+    assert torch.allclose(got_pooled, pooled, rtol=1e-4, atol=1e-5 * float(pooled.abs().max()))
+    assert torch.allclose(got_embedding, embedding, atol=1e-5)

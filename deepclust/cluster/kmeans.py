@@ -28,23 +28,35 @@ def row_argmax(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(1)
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest centroid (L2) for every row, and the squared distance to it.
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """[x, 1]: lets one matrix product add each centroid's -|c|^2 / 2 (no separate bias pass)."""
+    return torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), 1)
 
-    argmin |x - c|^2 = argmax (x . c - |c|^2 / 2): one matrix product per chunk of rows (small enough to
-    stay in cache), no N x k distance matrix.
+
+def assign(x_ones: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (L2) of every row of ``with_ones(x)``, and its score x . c - |c|^2 / 2.
+
+    argmin |x - c|^2 = argmax (x . c - |c|^2 / 2): one matrix product per chunk of rows, each chunk
+    small enough to stay in cache, written into one reused buffer; no N x k matrix is ever held.
     """
-    half_sq = 0.5 * (centroids * centroids).sum(1)
-    ct = centroids.t().contiguous()
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    best = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[0], chunk):
-        scores = torch.addmm(half_sq, x[start:start + chunk], ct, beta=-1.0)
-        idx = row_argmax(scores).to(x.device)
+    c_ones = torch.cat((centroids, -0.5 * (centroids * centroids).sum(1, keepdim=True)), 1).t().contiguous()
+    n = x_ones.shape[0]
+    labels = torch.empty(n, dtype=torch.long, device=x_ones.device)
+    best = torch.empty(n, dtype=x_ones.dtype, device=x_ones.device)
+    buf = torch.empty(min(chunk, n), centroids.shape[0], dtype=x_ones.dtype, device=x_ones.device)
+    for start in range(0, n, chunk):
+        rows = x_ones[start:start + chunk]
+        scores = torch.mm(rows, c_ones, out=buf[: rows.shape[0]])
+        idx = row_argmax(scores).to(x_ones.device)
         labels[start:start + chunk] = idx
         best[start:start + chunk] = scores.gather(1, idx.unsqueeze(1)).squeeze(1)
-    dist = (x * x).sum(1) - 2 * best
-    return labels, dist.clamp_(min=0)
+    return labels, best
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest centroid (L2) for every row, and the squared distance to it."""
+    labels, best = assign(with_ones(x), centroids, chunk)
+    return labels, ((x * x).sum(1) - 2 * best).clamp_(min=0)
 
 
 def centroid_sums(x: torch.Tensor, assignments: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +118,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
         raise ClusteringError(f"k = {k} clusters but only {n} samples; use k <= {n}")
     gen = torch.Generator().manual_seed(seed)
     x = x.contiguous()
+    x_ones = with_ones(x)
     centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
     assignments = torch.zeros(n, dtype=torch.long, device=x.device)
-    dist = torch.zeros(n, dtype=x.dtype, device=x.device)
     for _ in range(max(1, iters)):
-        assignments, dist = nearest_centroid(x, centroids, chunk)
+        assignments, _ = assign(x_ones, centroids, chunk)
         assignments = split_empty_clusters(x, centroids, assignments, gen)
         sums, counts = centroid_sums(x, assignments, k)
         centroids = sums / counts.unsqueeze(1).to(x.dtype)
