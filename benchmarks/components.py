@@ -142,23 +142,6 @@ def bench_kmeans(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- kNN graph
 
 
-@torch.no_grad()
-def knn_graph_torch(x: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices (N, k) of each row's k most cosine-similar other rows: chunked matmul + topk, self excluded.
-
-    Rows must be L2-normalised. The fallback when deepclust.cluster has no ``knn_graph`` (PAD needs one).
-    """
-    n = x.shape[0]
-    xt = x.t().contiguous()
-    out = torch.empty(n, k, dtype=torch.long)
-    for start in range(0, n, chunk):
-        sim = x[start:start + chunk] @ xt
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = float("-inf")
-        out[start:start + chunk] = sim.topk(k, dim=1).indices
-    return out
-
-
 def faiss_knn_graph(xnp: np.ndarray, k: int) -> np.ndarray:
     import faiss
 
@@ -185,12 +168,9 @@ def bench_knn_graph(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]
     xnp = x.numpy()
     flops = 2 * n * n * d
     size = f"N={n:,} d={d} k={k} cosine"
-    try:  # the library's own (deepclust.cluster.knn_graph, for AND / PAD) when it has one
-        from deepclust.cluster import knn_graph
+    from deepclust.cluster import knn_graph
 
-        ours_fn, ours_name = (lambda v: knn_graph(v, k)[1]), "deepclust.cluster.knn_graph (matmul + topk)"
-    except ImportError:
-        ours_fn, ours_name = (lambda v: knn_graph_torch(v, k)), "torch chunked matmul + topk (knn_graph_torch here)"
+    ours_fn, ours_name = (lambda v: knn_graph(v, k)[1]), "deepclust.cluster.knn_graph (matmul + topk)"
     ours_fn(x[:4096])
     faiss_knn_graph(xnp[:4096], k)
     out = []

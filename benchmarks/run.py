@@ -105,17 +105,15 @@ def evaluate(cfg, device, need_knn: bool) -> dict[str, Any]:
     kNN top-1 too when ``need_knn`` (a run cut short by stop_after logs none for its last epoch).
     """
     from deepclust.checkpoint import backbone_from_checkpoint, load_checkpoint
-    from deepclust.data import default_test_spec, load_data
+    from deepclust.data import load_train_test
     from deepclust.eval import evaluate_backbone
 
     payload = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
     model = backbone_from_checkpoint(payload).to(device)
     size = payload["backbone"]["image_size"]
-    train = load_data(cfg.data, "train", size, cfg.bad_images, cfg.subset)
-    test_spec = cfg.test_data or default_test_spec(cfg.data)
-    if not test_spec:
+    train, test = load_train_test(cfg.data, cfg.test_data, size, cfg.bad_images, cfg.subset, cfg.test_subset)
+    if test is None:
         raise ValueError(f"no test split for data {cfg.data!r}; pass --test-data")
-    test = load_data(test_spec, "test", size, cfg.bad_images, cfg.test_subset)
     protocols = ("linear", "cluster", "knn") if need_knn else ("linear", "cluster")
     out: dict[str, Any] = {"eval_feature": payload["eval_feature"], "train_images": len(train),
                            "test_images": len(test)}

@@ -14,7 +14,7 @@ import torch
 from .checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
 from .cluster import ClusteringError
 from .config import ConfigError, read_yaml, resolve
-from .data import DataError, default_test_spec, load_data
+from .data import DataError, load_data, load_train_test
 from .eval import evaluate_backbone, extract_features
 
 log = logging.getLogger("deepclust")
@@ -40,20 +40,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def load_eval_data(args: argparse.Namespace, payload: dict):
-    size = payload["backbone"]["image_size"]
-    bad = getattr(args, "bad_images", "fail")
-    train = load_data(args.data, "train", size, bad)
-    test_spec = getattr(args, "test_data", None) or default_test_spec(args.data)
-    test = load_data(test_spec, "test", size, bad) if test_spec else None
-    return train, test
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     model = backbone_from_checkpoint(payload)
     device = torch.device(args.device)
-    train, test = load_eval_data(args, payload)
+    train, test = load_train_test(args.data, args.test_data, payload["backbone"]["image_size"], args.bad_images)
     if test is None:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
     feature = args.feature or payload["eval_feature"]

@@ -333,3 +333,13 @@ def default_test_spec(spec: str) -> str | None:
                 if (path.parent / sibling).is_dir():
                     return str(path.parent / sibling)
     return None
+
+
+def load_train_test(spec: str, test_spec: str | None = None, image_size: int | None = None, bad_images: str = "fail",
+                    subset: int | None = None, test_subset: int | None = None) -> tuple[ImageData, ImageData | None]:
+    """A training source and its test data (``test_spec``, else the split that belongs with ``spec``, else
+    None), the test images at the training images' size."""
+    train = load_data(spec, "train", image_size, bad_images, subset)
+    test_spec = test_spec or default_test_spec(spec)
+    test = load_data(test_spec, "test", image_size or train.image_size, bad_images, test_subset) if test_spec else None
+    return train, test

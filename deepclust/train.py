@@ -30,7 +30,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, as_dict
-from .data import ImageData, IndexedImages, default_test_spec, load_data
+from .data import ImageData, IndexedImages, load_train_test
 from .eval import extract_features, knn_accuracy
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
@@ -102,13 +102,6 @@ def backbone_spec(cfg: TrainConfig) -> dict[str, Any]:
     return {"name": cfg.backbone, "width": cfg.width, "sobel": cfg.sobel, "embed_dim": cfg.embed_dim}
 
 
-def load_test_data(cfg: TrainConfig) -> ImageData | None:
-    spec = cfg.test_data or default_test_spec(cfg.data)
-    if not spec:
-        return None
-    return load_data(spec, "test", cfg.image_size, cfg.bad_images, cfg.test_subset)
-
-
 def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -120,8 +113,8 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
-    data = load_data(cfg.data, "train", cfg.image_size, cfg.bad_images, cfg.subset)
-    test = load_test_data(cfg)
+    data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
+                                 cfg.test_subset)
     if payload is not None and payload["num_samples"] != len(data):
         raise CheckpointError(f"{ckpt_path} was trained on {payload['num_samples']} samples, --data has "
                               f"{len(data)}; resume with the same data")

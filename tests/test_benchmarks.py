@@ -24,6 +24,6 @@ def test_harness_names_a_failed_method_and_exits_non_zero(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED: deepcluster" in proc.stderr
     table = (out / "results.md").read_text()
-    assert "FAILED: deepcluster" in table and "k = 30 clusters but only 20 images" in table
+    assert "FAILED: deepcluster" in table and "k = 30 clusters but only 20 samples" in table
     random_row = next(line for line in table.splitlines() if line.startswith("| random |"))
     assert "FAILED" not in random_row

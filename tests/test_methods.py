@@ -96,7 +96,7 @@ def test_deepcluster_logs_nmi_and_cluster_sizes(tmp_path):
 
 def test_deepcluster_k_above_sample_count_is_a_clear_error(tmp_path):
     cfg, hp = run_cfg(tmp_path, "deepcluster", k=500)
-    with pytest.raises(ClusteringError, match="k = 500 clusters but only 96 images"):
+    with pytest.raises(ClusteringError, match="k = 500 clusters but only 96 samples"):
         train(cfg, hp)
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from .graph import knn_graph
-from .kmeans import ClusteringError, KMeansResult, centroid_sums, kmeans, nearest_centroid, split_empty_clusters
+from .kmeans import (
+    ClusteringError,
+    KMeansResult,
+    centroid_sums,
+    check_cluster_count,
+    kmeans,
+    nearest_centroid,
+    split_empty_clusters,
+)
 from .pca import pca_whiten
 from .sampling import balanced_indices
 
@@ -18,6 +26,6 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 
 __all__ = [
-    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "kmeans", "knn_graph", "nearest_centroid",
-    "pca_whiten", "size_stats", "split_empty_clusters",
+    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "kmeans",
+    "knn_graph", "nearest_centroid", "pca_whiten", "size_stats", "split_empty_clusters",
 ]

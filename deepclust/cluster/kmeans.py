@@ -28,6 +28,14 @@ def row_argmax(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(1)
 
 
+def check_cluster_count(k: int, n: int, who: str = "k-means") -> None:
+    """Clusters must be at least 1 and at most the number of samples."""
+    if k < 1:
+        raise ClusteringError(f"{who}: k must be at least 1, got {k}")
+    if k > n:
+        raise ClusteringError(f"{who}: k = {k} clusters but only {n} samples; pass k <= {n}")
+
+
 def with_ones(x: torch.Tensor) -> torch.Tensor:
     """[x, 1]: lets one matrix product add each centroid's -|c|^2 / 2 (no separate bias pass)."""
     return torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), 1)
@@ -80,8 +88,7 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if not empty:
         return assignments
-    if len(empty) > 0 and x.shape[0] < k:
-        raise ClusteringError(f"cannot fill {k} clusters from {x.shape[0]} samples")
+    check_cluster_count(k, x.shape[0])
     assignments = assignments.clone()
     for e in empty:
         weights = (counts - 1).clamp(min=0).float()
@@ -112,10 +119,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
         runs = [kmeans(x, k, iters, seed + i, chunk) for i in range(n_init)]
         return min(runs, key=lambda r: r.inertia)
     n = x.shape[0]
-    if k < 1:
-        raise ClusteringError(f"k must be at least 1, got {k}")
-    if k > n:
-        raise ClusteringError(f"k = {k} clusters but only {n} samples; use k <= {n}")
+    check_cluster_count(k, n)
     gen = torch.Generator().manual_seed(seed)
     x = x.contiguous()
     x_ones = with_ones(x)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, balanced_indices, kmeans, pca_whiten, size_stats
+from ..cluster import balanced_indices, check_cluster_count, kmeans, pca_whiten, size_stats
 from ..eval.clustering import nmi
 from .base import Batch, EpochContext, Method
 
@@ -36,9 +36,7 @@ class DeepCluster(Method):
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
-        if self.config.k > num_samples:
-            raise ClusteringError(f"deepcluster: k = {self.config.k} clusters but only {num_samples} images; "
-                                  f"pass k=N with N <= {num_samples}")
+        check_cluster_count(self.config.k, num_samples, "deepcluster")
         self.classifier = nn.Linear(backbone.feat_dim, self.config.k)
         self.register_buffer("assignments", torch.full((num_samples,), -1, dtype=torch.long))
         self.stats: dict[str, float] = {}

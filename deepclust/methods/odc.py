@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, centroid_sums, kmeans, nearest_centroid, size_stats
+from ..cluster import ClusteringError, centroid_sums, check_cluster_count, kmeans, nearest_centroid, size_stats
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from .base import Batch, EpochContext, Method
@@ -63,8 +63,7 @@ class ODC(Method):
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         c = self.config
-        if c.k > num_samples:
-            raise ClusteringError(f"odc: k = {c.k} clusters but only {num_samples} images; pass k <= {num_samples}")
+        check_cluster_count(c.k, num_samples, "odc")
         self.min_cluster = c.min_cluster
         # Splitting the largest cluster must leave halves above the threshold: largest >= N/k > 2 t + 1.
         if 2 * c.min_cluster + 2 > num_samples / c.k:
@@ -128,9 +127,14 @@ class ODC(Method):
         self.batch_changes.append(float((old != new).float().mean()))
         self.step += 1
         if int(self.step) % self.config.centroid_interval == 0:
-            self.update_centroids()
-            self.deal_with_small_clusters(int(self.step))
-            self.weights.copy_(class_weights(self.labels, self.config.k))
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Every ``centroid_interval`` steps: touched centroids, small clusters, loss weights."""
+        self.update_centroids()
+        self.deal_with_small_clusters(int(self.step))
+        self.weights.copy_(class_weights(self.labels, self.config.k))
 
     @torch.no_grad()
     def update_centroids(self, which: torch.Tensor | None = None) -> None:
@@ -169,10 +173,7 @@ class ODC(Method):
         self.update_centroids(changed)
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        # Close the epoch as an interval boundary does, so no epoch ends with a small or empty cluster.
-        self.update_centroids()
-        self.deal_with_small_clusters(int(self.step))
-        self.weights.copy_(class_weights(self.labels, self.config.k))
+        self.refresh()  # close the epoch as an interval boundary does: no epoch ends with a small cluster
         stats = {"label_change": float((self.labels != self.epoch_start_labels).float().mean()),
                  "batch_label_change": sum(self.batch_changes) / max(1, len(self.batch_changes)),
                  **size_stats(self.labels, self.config.k)}

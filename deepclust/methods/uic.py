@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, balanced_indices, size_stats
+from ..cluster import ClusteringError, balanced_indices, check_cluster_count, size_stats
 from ..eval.clustering import nmi
 from .base import Batch, EpochContext, Method
 
@@ -47,8 +47,7 @@ class UIC(Method):
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         k = self.config.k
-        if k > num_samples:
-            raise ClusteringError(f"uic: k = {k} classes but only {num_samples} images; pass k <= {num_samples}")
+        check_cluster_count(k, num_samples, "uic")
         self.classifier = nn.Linear(backbone.feat_dim, k)
         gen = torch.Generator().manual_seed(0)
         start = torch.randint(k, (num_samples,), generator=gen)  # the first epoch's uniformly random labels
