@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, as_dict
 from .data import ImageData, IndexedImages, load_train_test
-from .eval import extract_features, knn_accuracy
+from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
 
@@ -98,7 +98,7 @@ class Run:
 
 
 def backbone_spec(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match between a checkpoint's backbone and this config's (image size is checked on load)."""
+    """What must match between a checkpoint's backbone and this config's for its weights to load."""
     return {"name": cfg.backbone, "width": cfg.width, "sobel": cfg.sobel, "embed_dim": cfg.embed_dim}
 
 
@@ -147,12 +147,9 @@ def evaluate_knn(run: Run) -> float | None:
     """Weighted kNN top-1 on the test set (train features recomputed without augmentation)."""
     if run.test is None or run.test.labels is None or run.data.labels is None:
         return None
-    backbone = run.method.backbone
-    size = run.data.image_size
-    train = extract_features(backbone, run.images, run.eval_feature, device=run.device, image_size=size)
-    test = extract_features(backbone, run.test.images, run.eval_feature, device=run.device, image_size=size)
-    return knn_accuracy(test, run.test.labels.to(test.device), train, run.data.labels.to(train.device),
-                        run.cfg.knn_k, run.cfg.knn_tau)
+    result = evaluate_backbone(run.method.backbone, run.data, run.test, run.eval_feature, ("knn",), run.device,
+                               run.cfg.knn_k, run.cfg.knn_tau)
+    return result["knn_top1"]
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
