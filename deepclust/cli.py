@@ -42,8 +42,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
-    model = backbone_from_checkpoint(payload)
     device = torch.device(args.device)
+    model = backbone_from_checkpoint(payload).to(device)
     train, test = load_train_test(args.data, args.test_data, payload["backbone"]["image_size"], args.bad_images)
     if test is None:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
-    model = backbone_from_checkpoint(payload)
+    model = backbone_from_checkpoint(payload).to(args.device)
     data = load_data(args.data, args.split, payload["backbone"]["image_size"], args.bad_images)
     feature = args.feature or payload["eval_feature"]
     feats = extract_features(model, data.images, feature, device=torch.device(args.device))

@@ -97,22 +97,15 @@ def test_npz_missing_file(tmp_path):
         load_data(str(tmp_path / "nothing.npz"))
 
 
-def test_npz_wrong_dtype(tmp_path):
-    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4), np.float32))
-    with pytest.raises(DataError, match="uint8"):
-        load_data(str(tmp_path / "float.npz"))
-
-
-def test_npz_label_count_mismatch(tmp_path):
-    np.savez(tmp_path / "mis.npz", images=np.zeros((3, 4, 4), np.uint8), labels=np.arange(2))
-    with pytest.raises(DataError, match="2 labels for 3 images"):
-        load_data(str(tmp_path / "mis.npz"))
-
-
-def test_npz_with_no_images(tmp_path):
-    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 4, 4), np.uint8))
-    with pytest.raises(DataError, match="no images"):
-        load_data(str(tmp_path / "empty.npz"))
+@pytest.mark.parametrize("arrays,message", [
+    ({"images": np.zeros((2, 4, 4), np.float32)}, "uint8"),
+    ({"images": np.zeros((3, 4, 4), np.uint8), "labels": np.arange(2)}, "2 labels for 3 images"),
+    ({"images": np.zeros((0, 4, 4), np.uint8)}, "no images"),
+])
+def test_npz_bad_contents(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_data(str(tmp_path / "bad.npz"))
 
 
 # --- image folders -------------------------------------------------------------------------------
