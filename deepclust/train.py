@@ -34,6 +34,7 @@ from .data import ImageData, IndexedImages, load_train_test
 from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
+from .runtime import choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,13 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if resume:
         payload = load_checkpoint(ckpt_path)
         check_compatible(payload, cfg.method, backbone_spec(cfg), ckpt_path)
+    threads = choose_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        log.info("training on the CPU with %d torch thread(s)", threads)
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset)
     if payload is not None and payload["num_samples"] != len(data):
