@@ -117,12 +117,6 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def evaluate(cfg, device, need_knn: bool) -> dict[str, Any]:
     """Linear probe (pooled, un-normalised) and clustering metrics (eval feature) of the final checkpoint.
 
@@ -160,7 +154,7 @@ def run_one(args: argparse.Namespace) -> int:
 
     from deepclust.config import as_dict, resolve
     from deepclust.methods import METHODS
-    from deepclust.train import resolve_device, train
+    from deepclust.train import read_metrics, resolve_device, train
 
     method = args.one
     mdir = unit_dir(args.out, method, args.seed)
@@ -194,6 +188,8 @@ def run_one(args: argparse.Namespace) -> int:
         if cuda:
             result["gpu_peak_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
         rows = read_metrics(mdir / "metrics.jsonl")
+        untrained = next((r["knn_top1"] for r in rows if r.get("untrained")), None)
+        rows = [r for r in rows if not r.get("untrained")]
         times = [r["time"] for r in rows if "time" in r]
         result.update(
             epochs_run=len(times),
@@ -201,8 +197,10 @@ def run_one(args: argparse.Namespace) -> int:
             epoch_time_median_s=statistics.median(times) if times else None,
             targets_time_median_s=statistics.median(r.get("targets_time", 0.0) for r in rows) if times else None,
             knn_top1=rows[-1].get("knn_top1") if rows else None,
-            knn_curve=[[r["global_epoch"] + 1 if "time" in r else r["global_epoch"], r["knn_top1"]]
-                       for r in rows if r.get("knn_top1") is not None],
+            knn_untrained=untrained,
+            knn_curve=([[0, untrained]] if untrained is not None else [])
+            + [[r["global_epoch"] + 1 if "time" in r else r["global_epoch"], r["knn_top1"]]
+               for r in rows if r.get("knn_top1") is not None],
             label_change_curve=[[r["global_epoch"] + 1, r["label_change"]] for r in rows if "label_change" in r],
             last_row={k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))} if rows else {},
         )

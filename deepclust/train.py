@@ -223,13 +223,16 @@ def write_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop rows of epochs that the checkpoint does not hold (written just before a crash)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("global_epoch", -1) < next_epoch]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [r for r in read_metrics(path) if r.get("global_epoch", -1) < next_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
@@ -245,6 +248,11 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    if run.start == 0 and total > 0:  # the same network before training: the baseline every result is read against
+        untrained = evaluate_knn(run)
+        if untrained is not None:
+            write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
+                                         "untrained": True})
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         row = run_epoch(run, global_epoch)
@@ -261,4 +269,5 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
-    return row
+    baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
+    return {**row, "knn_untrained": baseline} if baseline is not None else row
