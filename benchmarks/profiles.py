@@ -74,6 +74,26 @@ PROFILES: dict[str, dict] = {
             "uic": {"k": 100},
         },
     },
+    # CPU profile in which learning should show (issue 10): twice the cpu profile's images, over three times
+    # its epochs; about 10 minutes a seed for a 1-view method on 2 cores (IS, 2 views: about twice that).
+    # Run it with --seeds 0,1,2 --jobs 2 (one thread each). Cluster counts are left to k = N / 50 (200).
+    "medium": {
+        "train": {
+            **PROTOCOL,
+            "data": CIFAR10_TRAIN,
+            "test_data": CIFAR10_TEST,
+            "backbone": "convnet",
+            "width": 32,
+            "subset": 10000,
+            "test_subset": 2000,
+            "epochs": 50,
+            "eval_every": 10,
+            "device": "cpu",
+        },
+        "methods": {
+            "and": {"rounds": 2, "epochs": 25},  # NPID for 25 epochs, then one anchor round: 50 epochs in all
+        },
+    },
     # METHODS.md's CIFAR-10 recipe (CIFAR ResNet-18, full 50k, 200 epochs a round), for a GPU.
     "paper": {
         "train": {
