@@ -33,10 +33,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     layers += [flags, parse_overrides(overrides)]
     cfg, hparams = resolve(layers)
     row = train(cfg, hparams, resume=args.resume)
-    knn = row.get("knn_top1")
-    print(f"done: {cfg.method} on {cfg.data}, {cfg.out}/checkpoint.pt"
-          + (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no kNN: no labelled test data, or a stop "
-                                                                "before the last epoch)"))
+    knn, untrained = row.get("knn_top1"), row.get("knn_untrained")
+    result = (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no kNN: no labelled test data, or a stop "
+                                                                 "before the last epoch)")
+    if knn is not None and untrained is not None:
+        result += f" (the untrained network: {untrained:.2f}%)"
+    print(f"done: {cfg.method} on {cfg.data}, {cfg.out}/checkpoint.pt{result}")
     return 0
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; default: the cores other jobs leave free (logged)
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
     progress: bool = True

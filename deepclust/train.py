@@ -34,6 +34,7 @@ from .data import ImageData, IndexedImages, load_train_test
 from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
+from .runtime import choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,13 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if resume:
         payload = load_checkpoint(ckpt_path)
         check_compatible(payload, cfg.method, backbone_spec(cfg), ckpt_path)
+    threads = choose_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        log.info("training on the CPU with %d torch thread(s)", threads)
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset)
     if payload is not None and payload["num_samples"] != len(data):
@@ -219,13 +223,16 @@ def write_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop rows of epochs that the checkpoint does not hold (written just before a crash)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("global_epoch", -1) < next_epoch]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [r for r in read_metrics(path) if r.get("global_epoch", -1) < next_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
@@ -241,6 +248,11 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    if run.start == 0 and total > 0:  # the same network before training: the baseline every result is read against
+        untrained = evaluate_knn(run)
+        if untrained is not None:
+            write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
+                                         "untrained": True})
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         row = run_epoch(run, global_epoch)
@@ -257,4 +269,5 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
-    return row
+    baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
+    return {**row, "knn_untrained": baseline} if baseline is not None else row

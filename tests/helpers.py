@@ -35,7 +35,9 @@ def run_cfg(tmp_path, method, name="run", **keys):
 
 
 def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The epochs' metrics rows (without the untrained network's baseline row)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if not r.get("untrained")]
 
 
 def assert_resume_equals_uninterrupted(tmp_path, method: str, stop_after: int, **keys) -> list[dict]:

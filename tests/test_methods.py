@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import assert_resume_equals_uninterrupted, context, read_rows, run_cfg
 
 from deepclust.backbones import Backbone
@@ -51,6 +52,17 @@ def test_deepcluster_logs_nmi_and_cluster_sizes(tmp_path):
         assert row["cluster_size_empty"] == 0 and row["cluster_size_min"] >= 1
         assert row["cluster_size_max"] >= row["cluster_size_median"] >= row["cluster_size_min"]
         assert row["cluster_time"] > 0
+
+
+@pytest.mark.parametrize("method", ["deepcluster", "odc", "uic"])
+def test_cluster_count_is_chosen_from_n_when_unset_and_recorded(tmp_path, method, caplog):
+    cfg, hp = run_cfg(tmp_path, method, epochs=1, stop_after=1)
+    assert hp.k is None  # the YAML leaves it to the data
+    with caplog.at_level("INFO"):
+        train(cfg, hp)
+    assert hp.k == 2  # 96 samples: 96 // 50 = 1, raised to the minimum of 2
+    assert f"{method}: k = 2 clusters for 96 samples" in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["k"] == 2
 
 
 def test_deepcluster_k_above_sample_count_is_a_clear_error(tmp_path):

@@ -10,6 +10,7 @@ from .kmeans import (
     KMeansResult,
     centroid_sums,
     check_cluster_count,
+    cluster_count,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
@@ -26,6 +27,6 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 
 __all__ = [
-    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "kmeans",
-    "knn_graph", "nearest_centroid", "pca_whiten", "size_stats", "split_empty_clusters",
+    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "cluster_count",
+    "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "size_stats", "split_empty_clusters",
 ]
