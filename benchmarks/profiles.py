@@ -51,7 +51,7 @@ PROFILES: dict[str, dict] = {
             "deepcluster": {"k": 30},
             "odc": {"k": 30, "min_cluster": 5},
             "uic": {"k": 30},
-            "pcp": {"min_clusters": 30, "min_mean_size": 40},  # N_t: 1,438 -> 30 (no clipping at 40 a cluster)
+            "pcp": {"min_clusters": 30},  # N_t: 1,438 -> 30
         },
     },
     # CPU comparison: 5,000 CIFAR-10 training images, a small ConvNet, 15 epochs per method.

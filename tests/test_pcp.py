@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -10,13 +11,12 @@ import torch.nn.functional as F
 from helpers import assert_resume_equals_uninterrupted, context, read_rows, run_cfg
 
 from deepclust.backbones import Backbone
-from deepclust.cluster import kmeans
+from deepclust.cluster import ClusteringError, kmeans
 from deepclust.cluster.purify import (
-    clip_floor,
     cluster_anchors,
-    cluster_count,
     group_purity,
     nearest_fraction,
+    progressive_cluster_count,
     purify,
     squared_distances,
     vote_scores,
@@ -31,24 +31,25 @@ from deepclust.train import train
 
 def test_cluster_count_falls_log_linearly_to_the_floor():
     # lg N_t = (1 - t/4) lg 10^4: 10^4, 10^3, 10^2, 10^1, floored at 50 in the last epoch.
-    assert [cluster_count(t, 4, 10_000, 50) for t in range(4)] == [10_000, 1000, 100, 50]
-    assert [cluster_count(t, 4, 10_000, 5) for t in range(4)] == [10_000, 1000, 100, 10]
+    assert [progressive_cluster_count(t, 4, 10_000, 50) for t in range(4)] == [10_000, 1000, 100, 50]
+    assert [progressive_cluster_count(t, 4, 10_000, 5) for t in range(4)] == [10_000, 1000, 100, 10]
     # CIFAR-10: 50,000 clusters at epoch 0; the floor of 1,000 is first reached at epoch 73 of 200.
-    counts = [cluster_count(t, 200, 50_000, 1000) for t in range(200)]
+    counts = [progressive_cluster_count(t, 200, 50_000, 1000) for t in range(200)]
     assert counts[0] == 50_000 and counts[72] == int(50_000 ** (1 - 72 / 200)) > 1000 and counts[73] == 1000
     assert all(a >= b for a, b in zip(counts, counts[1:], strict=False)) and set(counts[73:]) == {1000}
     for t in (10, 40, 70):
         assert math.log10(counts[t]) == pytest.approx((1 - t / 200) * math.log10(50_000), abs=1e-3)
 
 
-def test_floor_is_clipped_on_small_data_and_the_clipping_logged(caplog):
-    assert clip_floor(1000, 50_000, 50) == 1000  # the paper's setting: untouched
-    assert clip_floor(10, 50_000, 50) == 10  # the true class count, on request
-    assert clip_floor(1000, 1438, 50) == 28  # digits: clusters of ~51, not 1.4
-    assert clip_floor(1000, 30, 50) == 1
-    method = PCP(Backbone("convnet", 16, width=8), 1438, PCP.Config(min_clusters=1000))
-    assert method.floor == 28
-    assert "min_clusters 1000 would leave clusters of 1.4 of 1438 samples on average; using 28" in caplog.text
+def test_floor_defaults_to_fifty_samples_a_cluster_and_is_logged(caplog):
+    caplog.set_level(logging.INFO)
+    backbone = Backbone("convnet", 16, width=8)
+    assert PCP(backbone, 50_000, PCP.Config()).floor == 1000  # the paper's CIFAR-10 floor
+    assert PCP(backbone, 1438, PCP.Config()).floor == 28  # digits: clusters of ~51, not the 1.4 of 1000
+    assert "pcp: k = 28 clusters for 1438 samples" in caplog.text
+    assert PCP(backbone, 1438, PCP.Config(min_clusters=10)).floor == 10  # e.g. the true class count
+    with pytest.raises(ClusteringError, match="pcp: k = 2000 clusters but only 1438 samples"):
+        PCP(backbone, 1438, PCP.Config(min_clusters=2000))
 
 
 def test_bad_hyperparameters_are_clear_errors():
@@ -185,7 +186,7 @@ def test_pcp_loss_equals_a_hand_computed_value():
 def test_warmup_weight_rises_then_the_is_branch_and_its_second_view_go():
     torch.manual_seed(0)
     images = torch.randint(0, 255, (40, 3, 16, 16), dtype=torch.uint8)
-    method = PCP(Backbone("convnet", 16, width=8), 40, PCP.Config(min_clusters=4, min_mean_size=5))
+    method = PCP(Backbone("convnet", 16, width=8), 40, PCP.Config(min_clusters=4))
     weights, views = [], []
     for round_, epoch in [(0, 0), (0, 4), (0, 8), (0, 9), (1, 0)]:
         method.before_epoch(context(method, images, epoch=epoch, round_=round_, epochs=10))
@@ -193,7 +194,7 @@ def test_warmup_weight_rises_then_the_is_branch_and_its_second_view_go():
         views.append(method.views)
     assert weights == pytest.approx([0.2, 0.2 + 0.3 * 4 / 9, 0.2 + 0.3 * 8 / 9, 1.0, 1.0])
     assert views == [2, 2, 2, 1, 1]
-    off = PCP(Backbone("convnet", 16, width=8), 40, PCP.Config(min_clusters=4, min_mean_size=5, warmup=False))
+    off = PCP(Backbone("convnet", 16, width=8), 40, PCP.Config(min_clusters=4, warmup=False))
     off.before_epoch(context(off, images, epoch=0, epochs=10))
     assert off.t == 1.0 and off.views == 1
 
@@ -202,7 +203,7 @@ def test_warmup_weight_rises_then_the_is_branch_and_its_second_view_go():
 
 
 def test_ablation_flags_fixed_k_and_no_purification(tmp_path):
-    cfg, hp = run_cfg(tmp_path, "pcp", epochs=3, min_clusters=6, min_mean_size=4, progressive=False, cpr=False,
+    cfg, hp = run_cfg(tmp_path, "pcp", epochs=3, min_clusters=6, progressive=False, cpr=False,
                       cps=False, warmup=False)
     train(cfg, hp)
     rows = read_rows(tmp_path / "run")
@@ -213,7 +214,7 @@ def test_ablation_flags_fixed_k_and_no_purification(tmp_path):
 
 def test_resume_in_round_two_while_voting_equals_uninterrupted(tmp_path):
     keys = {"epochs": 4, "rounds": 2, "lr_decay_at": [0.5], "eval_every": 2, "min_clusters": 8,
-            "min_mean_size": 4, "vote_epochs": 3, "vote_start": 0.5}
+            "vote_epochs": 3, "vote_start": 0.5}
     rows = assert_resume_equals_uninterrupted(tmp_path, "pcp", stop_after=6, **keys)  # round 1, epoch 2
     assert [r["n_clusters"] for r in rows[:4]] == [96, 30, 9, 8] and [r["n_clusters"] for r in rows[4:]] == [8] * 4
     assert [r["voting"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]

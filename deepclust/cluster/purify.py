@@ -11,16 +11,10 @@ from dataclasses import dataclass
 import torch
 
 
-def cluster_count(epoch: int, epochs: int, num_samples: int, floor: int) -> int:
+def progressive_cluster_count(epoch: int, epochs: int, num_samples: int, floor: int) -> int:
     """N_t of the paper's Eq. 1, lg N_t = (1 - t/T) lg N (so N_0 = N), never below ``floor`` nor above N."""
     n_t = int(num_samples ** (1 - epoch / epochs) + 1e-6)  # N^(1-t/T) = 10^((1-t/T) lg N); 1e-6: 10^lg N is N
     return min(num_samples, max(floor, n_t))
-
-
-def clip_floor(min_clusters: int, num_samples: int, min_mean_size: int) -> int:
-    """The floor N_t0, lowered where needed so that clusters at the floor have ``min_mean_size`` members on
-    average (the paper's CIFAR-10 setting has 50,000 / 1,000 = 50); at least 1."""
-    return max(1, min(min_clusters, num_samples // max(1, min_mean_size)))
 
 
 def squared_distances(x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

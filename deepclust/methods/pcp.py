@@ -20,19 +20,17 @@ Open points, settled by reading the authors' public code (github.com/zhangyifei0
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..cluster import kmeans
+from ..cluster import cluster_count, kmeans
 from ..cluster.purify import (
-    clip_floor,
     cluster_anchors,
-    cluster_count,
     group_purity,
+    progressive_cluster_count,
     purify,
     squared_distances,
     vote_scores,
@@ -40,8 +38,6 @@ from ..cluster.purify import (
 from ..losses import group_loss, invariant_spreading_loss, label_positives
 from .base import Batch, EpochContext
 from .npid import NPID
-
-log = logging.getLogger(__name__)
 
 
 class PCP(NPID):
@@ -53,8 +49,7 @@ class PCP(NPID):
 
     @dataclass
     class Config(NPID.Config):
-        min_clusters: int = 1000  # N_t0, the floor of N_t (the true class count, if that is wanted)
-        min_mean_size: int = 50  # the floor is lowered so clusters keep this mean size (the paper's 50k / 1k)
+        min_clusters: int | None = None  # N_t0, the floor of N_t; None: N / 50 (the paper's 1000 on CIFAR-10)
         progressive: bool = True  # False: N_t = the floor every epoch (Table I's DeepCluster-style row)
         kmeans_iters: int = 20
         cpr: bool = True
@@ -73,14 +68,11 @@ class PCP(NPID):
     def __init__(self, backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         c = self.config
-        if c.min_clusters < 1 or not 0 < c.gamma <= 1 or c.vote_epochs < 0 or not 0 < c.alpha < 1:
-            raise ValueError(f"pcp: need min_clusters >= 1, 0 < gamma <= 1, vote_epochs >= 0 and 0 < alpha < 1; "
-                             f"got {c.min_clusters}, {c.gamma}, {c.vote_epochs}, {c.alpha}")
-        self.floor = clip_floor(c.min_clusters, num_samples, c.min_mean_size)
-        if self.floor < c.min_clusters:
-            log.warning("pcp: min_clusters %d would leave clusters of %.1f of %d samples on average; using %d "
-                        "(min_mean_size %d)", c.min_clusters, num_samples / c.min_clusters, num_samples,
-                        self.floor, c.min_mean_size)
+        if not 0 < c.gamma <= 1 or c.vote_epochs < 0 or not 0 < c.alpha < 1:
+            raise ValueError(f"pcp: need 0 < gamma <= 1, vote_epochs >= 0 and 0 < alpha < 1; "
+                             f"got {c.gamma}, {c.vote_epochs}, {c.alpha}")
+        # On small data the paper's 1000 would leave clusters of a few samples: None keeps its N / 50 (logged).
+        self.floor = c.min_clusters = cluster_count(c.min_clusters, num_samples, "pcp")  # the run records it
         self.register_buffer("groups", num_samples + torch.arange(num_samples))
         self.register_buffer("history", torch.full((c.vote_epochs, num_samples), -1, dtype=torch.long))
         self.t = 1.0  # PCP's loss weight; 1 - t goes to the IS branch
@@ -99,7 +91,9 @@ class PCP(NPID):
         c, n, t0 = self.config, self.num_samples, time.perf_counter()
         feats = ctx.extract("embedding")
         first_round = ctx.round == 0
-        k = cluster_count(ctx.epoch, ctx.epochs, n, self.floor) if c.progressive and first_round else self.floor
+        k = self.floor
+        if c.progressive and first_round:
+            k = progressive_cluster_count(ctx.epoch, ctx.epochs, n, self.floor)
         result = kmeans(feats, k, c.kmeans_iters, seed=ctx.seed)
         assignments = result.assignments
         dist = squared_distances(feats, assignments, result.centroids)
