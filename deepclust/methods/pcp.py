@@ -41,8 +41,8 @@ from .npid import NPID
 
 
 class PCP(NPID):
-    """Each epoch: k-means with N_t clusters, CP_r keeps the ``gamma`` nearest members of each cluster, CP_s
-    votes over past assignments; group loss over the purified cluster, instance loss for everyone else."""
+    """Each epoch: k-means with N_t clusters, CP_r keeps the ``gamma`` fraction of each cluster nearest its
+    centroid, CP_s votes over past assignments; group loss over the purified cluster, instance loss for the rest."""
 
     name = "pcp"
     views = 2  # during the IS warm-up; before_epoch sets self.views = 1 once the warm-up is over
