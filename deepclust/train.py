@@ -133,7 +133,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(method.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     run = Run(cfg, hparams, method, optimizer, data, test, device, out)
     if payload is not None:
@@ -187,7 +187,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     batches = [b.tolist() for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr if group.get("scheduled", True) else cfg.lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
     augment = Augment(run.data.image_size)

@@ -27,6 +27,7 @@ class DeepCluster(Method):
 
     name = "deepcluster"
     eval_feature = "pooled"
+    unscheduled_modules = ("classifier",)  # the paper gives each new classifier a fresh optimiser at full lr
 
     @dataclass
     class Config:
