@@ -1,0 +1,258 @@
+"""``deepclust report RUN_DIR``: one self-contained HTML page (PNGs embedded) of what a run learned.
+
+Training curves of whatever metrics.jsonl holds; a t-SNE (UMAP when umap-learn is installed) of the test
+embeddings coloured by class and by cluster; the cluster-to-class table after Hungarian matching; montages
+of the largest, purest and least pure clusters; the metrics log as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import backbone_from_checkpoint, load_checkpoint
+from ..cluster import cluster_geometry, kmeans
+from ..data import ImageData, default_test_spec, load_data
+from ..eval import assignment_metrics, contingency, extract_features, hungarian_match
+from .html import BOOKKEEPING, array_uri, figure_html, figure_uri, is_number, page, pyplot, read_run, table
+
+log = logging.getLogger(__name__)
+
+SIZE_STAT = re.compile(r"^(.+)_(min|median|mean|max)$")  # cluster_size_min, class_size_max, ... share a plot
+
+
+def metric_groups(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The numeric keys of the log, grouped into plots: size statistics of one prefix together, times together,
+    every other key alone; in order of first appearance."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k, v in row.items() if k not in BOOKKEEPING and k not in keys and is_number(v)]
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        size = SIZE_STAT.match(key)
+        name = size.group(1) if size else "time" if key == "time" or key.endswith("_time") else key
+        groups.setdefault(name, []).append(key)
+    return list(groups.values())
+
+
+def curve_figures(rows: list[dict[str, Any]]) -> list[str]:
+    plt = pyplot()
+    trained = [r for r in rows if not r.get("untrained")]
+    baseline = next((r.get("knn_top1") for r in rows if r.get("untrained")), None)
+    rounds = sorted({r.get("round", 0) for r in trained})
+    out = []
+    for keys in metric_groups(rows):
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        for key in keys:
+            points = [(r["global_epoch"] + 1, r[key]) for r in trained if is_number(r.get(key))]
+            if points:
+                x, y = zip(*points, strict=True)
+                ax.plot(x, y, marker="o" if len(points) < 30 else None, ms=3, label=key)
+        if "knn_top1" in keys and is_number(baseline):
+            ax.axhline(baseline, ls="--", color="grey", lw=1, label="untrained network")
+        if len(rounds) > 1:
+            starts = [min(r["global_epoch"] for r in trained if r.get("round") == k) for k in rounds[1:]]
+            for s in starts:
+                ax.axvline(s + 0.5, color="#bbb", lw=0.8)
+        ax.set_xlabel("epoch" + (" (all rounds)" if len(rounds) > 1 else ""))
+        ax.set_title(", ".join(keys) if len(keys) < 3 else SIZE_STAT.match(keys[0]).group(1)
+                     if SIZE_STAT.match(keys[0]) else "time (s)", fontsize=10)
+        if len(keys) > 1 or "knn_top1" in keys:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        out.append(figure_html(figure_uri(fig), ", ".join(keys), keys))
+    return out
+
+
+def project_2d(feats: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """UMAP when umap-learn is installed, else scikit-learn's t-SNE."""
+    try:
+        import umap
+
+        return umap.UMAP(random_state=seed).fit_transform(feats), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, (len(feats) - 1) // 3)))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats), "t-SNE"
+
+
+def scatter(points: np.ndarray, colour: np.ndarray, title: str, names: list[str] | None) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    count = int(colour.max()) + 1
+    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20" if count <= 20 else "turbo", max(count, 2))
+    ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, vmin=-0.5, vmax=max(count, 2) - 0.5, s=6,
+               linewidths=0)
+    if count <= 20:
+        handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(i), ms=5) for i in range(count)]
+        ax.legend(handles, names or [str(i) for i in range(count)], fontsize=7, markerscale=1,
+                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    return figure_html(figure_uri(fig), title)
+
+
+def montage_row(images: torch.Tensor, tile: int = 64) -> str:
+    """One strip of uint8 (n, 3, S, S) images, each scaled to ``tile`` px (nearest), 2 px apart."""
+    from torchvision.utils import make_grid
+
+    scale = max(1, tile // images.shape[-1])
+    big = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    grid = make_grid(big, nrow=len(big), padding=2, pad_value=255)
+    return array_uri(grid.permute(1, 2, 0).numpy())
+
+
+def montages(data: ImageData, assignments: np.ndarray, distance: np.ndarray, per_group: int = 3,
+             per_row: int = 12) -> str:
+    """Rows of images of the largest, purest and least pure clusters (compactness without labels); the
+    members shown are spread evenly from the nearest to the farthest from the centre."""
+    ids, sizes = np.unique(assignments, return_counts=True)
+    size = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
+    names = data.classes or (None if data.labels is None else [str(i) for i in range(data.num_classes)])
+    if data.labels is not None:
+        table_ = contingency(assignments, data.labels.numpy())
+        purity = {c: table_[c].max() / size[c] for c in size}
+        groups = [("largest", sorted(size, key=lambda c: -size[c])),
+                  ("purest", sorted(size, key=lambda c: (-purity[c], -size[c]))),
+                  ("least pure", sorted(size, key=lambda c: (purity[c], -size[c])))]
+    else:
+        spread = {c: float(np.nanmean(distance[assignments == c])) for c in size}
+        groups = [("largest", sorted(size, key=lambda c: -size[c])),
+                  ("most compact", sorted(size, key=lambda c: spread[c])),
+                  ("least compact", sorted(size, key=lambda c: -spread[c]))]
+    parts = []
+    for title, order in groups:
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        for c in order[:per_group]:
+            members = np.flatnonzero(assignments == c)
+            members = members[np.argsort(distance[members])]
+            shown = members[np.unique(np.linspace(0, len(members) - 1, min(per_row, len(members))).round().astype(int))]
+            caption = f"cluster {c}: {size[c]} images"
+            if data.labels is not None:
+                counts = np.bincount(data.labels.numpy()[members], minlength=len(names))
+                top = np.argsort(-counts)[:3]
+                caption += " — " + ", ".join(f"{100 * counts[t] / size[c]:.0f}% {names[t]}" for t in top if counts[t])
+            strip = montage_row(data.images[torch.from_numpy(shown)])
+            parts.append(f'<p>{html.escape(caption)}</p><img src="{strip}" alt="{html.escape(caption)}">')
+    return '<div class="montage">' + "".join(parts) + "</div>"
+
+
+def matching_table(assignments: np.ndarray, labels: np.ndarray, names: list[str]) -> str:
+    """Clusters (rows, in the order of their matched class) against classes; matched cells in bold."""
+    counts = contingency(assignments, labels)
+    rows, cols = hungarian_match(counts)
+    match = dict(zip(rows.tolist(), cols.tolist(), strict=True))
+    order = sorted(range(counts.shape[0]), key=lambda c: (match.get(c, counts.shape[1]), -counts[c].sum()))
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = []
+    for c in order:
+        total = counts[c].sum()
+        if total == 0:
+            continue
+        cells = []
+        for j, n in enumerate(counts[c]):
+            shade = f"background: rgba(31,119,180,{0.85 * n / total:.2f});" if n else ""
+            bold = "font-weight: bold; outline: 2px solid #d62728;" if match.get(c) == j else ""
+            cells.append(f'<td style="{shade}{bold}">{n}</td>')
+        matched = names[match[c]] if c in match else "—"
+        body.append(f'<tr><td class="l">{c}</td><td class="l">{html.escape(matched)}</td><td>{total}</td>'
+                    f"<td>{100 * counts[c].max() / total:.0f}%</td>{''.join(cells)}</tr>")
+    return ('<div class="scroll"><table><thead><tr><th class="l">cluster</th><th class="l">matched class</th>'
+            f"<th>size</th><th>purity</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+def embedding_sections(run_dir: Path, config: dict[str, Any], test_spec: str | None, k: int | None,
+                       max_points: int, device: str) -> str:
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        return '<p class="note">No checkpoint.pt in the run folder: no embeddings or clusters to show.</p>'
+    payload = load_checkpoint(checkpoint)
+    spec = test_spec or config.get("test_data") or default_test_spec(config.get("data", "digits"))
+    if spec is None:
+        return ('<p class="note">No test data (pass --test-data): no embeddings or clusters to show.</p>')
+    subset = None if test_spec else config.get("test_subset")
+    data = load_data(spec, "test", payload["backbone"]["image_size"], config.get("bad_images", "fail"), subset)
+    if len(data) > max_points:
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_points].sort()
+                           .values)
+    feature = payload["eval_feature"]
+    model = backbone_from_checkpoint(payload).to(device)
+    feats = extract_features(model, data.images, feature, device=torch.device(device)).cpu()
+    k = k or data.num_classes or 10
+    assignments = kmeans(feats, k, iters=50, seed=0, n_init=5).assignments
+    distance = cluster_geometry(feats, assignments).distance.numpy()
+    points, projection = project_2d(feats.numpy())
+    a = assignments.numpy()
+    names = data.classes or (None if data.labels is None else [str(i) for i in range(data.num_classes)])
+    what = (f"{len(data)} images of {data.name}, {feature} features; clusters: k-means with k = {k} on the same "
+            "features")
+    figs = []
+    if data.labels is not None:
+        figs.append(scatter(points, data.labels.numpy(), f"{projection} coloured by true class", names))
+    figs.append(scatter(points, a, f"{projection} coloured by k-means cluster (k = {k})", None))
+    out = [f"<h2>Test embeddings</h2><p class='sub'>{html.escape(what)}</p><div class='grid'>{''.join(figs)}</div>"]
+    if data.labels is not None:
+        m = assignment_metrics(assignments, data.labels)
+        out.append(f"<h2>Clusters and classes</h2><p>NMI {m['nmi']:.4f} · ARI {m['ari']:.4f} · accuracy "
+                   f"{m['acc']:.2f}% after Hungarian matching of the {k} clusters to the {data.num_classes} "
+                   "classes (matched cells outlined; shading: share of the cluster).</p>"
+                   + matching_table(a, data.labels.numpy(), names))
+    out.append("<h2>Cluster montages</h2><p class='sub'>Each row: members from nearest to farthest from the "
+               "cluster's centre.</p>" + montages(data, a, distance))
+    return "".join(out)
+
+
+def summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    trained = [r for r in rows if not r.get("untrained")]
+    knn = next((r["knn_top1"] for r in reversed(trained) if is_number(r.get("knn_top1"))), None)
+    base = next((r["knn_top1"] for r in rows if r.get("untrained") and is_number(r.get("knn_top1"))), None)
+    epochs = max((r.get("global_epoch", -1) for r in trained), default=-1) + 1
+    parts = [f"backbone {config.get('backbone', '?')}", f"{epochs} epoch{'s' * (epochs != 1)} logged"]
+    if knn is not None:
+        parts.append(f"final kNN top-1 {knn:.2f}%" + (f" (untrained network: {base:.2f}%)" if base is not None else ""))
+    return " · ".join(html.escape(p) for p in parts)
+
+
+def write_report(run_dir: Path, test_spec: str | None = None, k: int | None = None, max_points: int = 2000,
+                 device: str = "cpu") -> Path:
+    """Write ``run_dir/report.html``; returns its path."""
+    config, rows = read_run(run_dir)
+    title = f"{config.get('method', 'run')} on {config.get('data', '?')}"
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    body = [f"<h1>deepclust report: {html.escape(title)}</h1>",
+            f"<p class='sub'>{summary(config, rows)} · {html.escape(str(run_dir))} · "
+            f"{time.strftime('%Y-%m-%d %H:%M')}</p>",
+            "<h2>Training curves</h2><div class='grid'>" + "".join(curve_figures(rows)) + "</div>",
+            embedding_sections(run_dir, config, test_spec, k, max_points, device),
+            "<h2>Metrics log</h2><p class='sub'>metrics.jsonl, one row per epoch (epoch -1: the untrained "
+            "network).</p><div class='scroll'>"
+            + table(columns, [[r.get(c) for c in columns] for r in rows], "metrics") + "</div>"]
+    path = run_dir / "report.html"
+    path.write_text(page(f"deepclust: {title}", "".join(body)))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"wrote {write_report(Path(args.run_dir), args.test_data, args.k, args.max_points, args.device)}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, embeddings, clusters, montages")
+    p.add_argument("run_dir")
+    p.add_argument("--test-data", help="default: the run's test data")
+    p.add_argument("--k", type=int, help="k-means clusters of the test images (default: the class count, else 10)")
+    p.add_argument("--max-points", type=int, default=2000, help="test images embedded at most (a random subset)")
+    p.add_argument("--device", default="cpu")
