@@ -23,6 +23,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24
 h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 .sub { color: #666; margin-top: 0; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 12px; }
+.grid.wide { grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
 figure { margin: 0; } figure img { width: 100%; } figcaption { font-size: 0.85em; color: #555; }
 table { border-collapse: collapse; font-size: 0.8em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; white-space: nowrap; }
@@ -66,12 +67,12 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def figure_uri(fig) -> str:
-    """A matplotlib figure as an embedded PNG (the figure is closed)."""
+def figure_uri(fig, tight: bool = True) -> str:
+    """A matplotlib figure as an embedded PNG (the figure is closed); ``tight=False`` keeps its exact size."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return png_uri(buf.getvalue())
 
@@ -85,10 +86,11 @@ def array_uri(image: np.ndarray) -> str:
     return png_uri(buf.getvalue())
 
 
-def figure_html(uri: str, caption: str, metrics: list[str] | None = None) -> str:
+def figure_html(uri: str, caption: str, metrics: list[str] | None = None, alt: str | None = None) -> str:
+    """A figure; ``data-metrics`` names the logged keys it plots."""
     keys = f' data-metrics="{html.escape(" ".join(metrics))}"' if metrics else ""
-    return (f'<figure{keys}><img src="{uri}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    text = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure{keys}><img src="{uri}" alt="{html.escape(alt or caption)}">{text}</figure>'
 
 
 def page(title: str, body: str) -> str:
