@@ -314,3 +314,23 @@ def test_python_m_deepclust(monkeypatch, capsys):
 def test_metrics_table_is_json(deepcluster_run):
     # metrics.jsonl stays plain JSON lines that the report and compare read
     assert all(json.loads(line) for line in (deepcluster_run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_tensorboard_logger_writes_the_metrics_scalars(tmp_path, tiny_train_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb_run"
+    assert main(["train", "--method", "npid", *tiny_train_args, "--out", str(out), "logger=tensorboard"]) == 0
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    rows = read_metrics(out / "metrics.jsonl")
+    want = {(k, r["global_epoch"] + 1): v for r in rows for k, v in r.items()
+            if k not in ("round", "epoch", "global_epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    got = {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
+    assert got.keys() == want.keys() and ("knn_top1", 0) in got  # step 0: the untrained network
+    assert all(got[key] == pytest.approx(want[key], rel=1e-6) for key in want)
+
+
+def test_unknown_logger_is_an_error(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "o", "logger=wandb")
+    assert rc == 2 and "unknown logger 'wandb'" in err and "tensorboard" in err
