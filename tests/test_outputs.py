@@ -23,7 +23,7 @@ import deepclust
 from deepclust.checkpoint import backbone_from_checkpoint, load_checkpoint
 from deepclust.cli import main
 from deepclust.cluster import cluster_geometry
-from deepclust.commands.html import BOOKKEEPING, fmt
+from deepclust.commands.pages import BOOKKEEPING, fmt
 from deepclust.train import read_metrics
 
 

@@ -8,7 +8,18 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .html import BOOKKEEPING, figure_html, figure_uri, fmt, is_number, page, pyplot, read_run, table
+from .pages import (
+    BOOKKEEPING,
+    figure_html,
+    figure_uri,
+    fmt,
+    integer_epochs,
+    is_number,
+    page,
+    pyplot,
+    read_run,
+    table,
+)
 
 LEADING = ("knn_top1", "knn_untrained", "loss", "nmi_labels", "nmi_prev", "label_change")
 
@@ -28,7 +39,7 @@ def final_metrics(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[st
         out["knn_untrained"] = base
     times = [r["time"] for r in trained if is_number(r.get("time"))]
     if times:
-        out["train_minutes"] = sum(times) / 60
+        out["train_seconds"] = sum(times)
     return out
 
 
@@ -59,8 +70,9 @@ def curves(dirs_rows: list[tuple[str, list[dict[str, Any]]]], key: str, title: s
     ax.set_xlabel("epoch (0: the untrained network)" if key == "knn_top1" else "epoch")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    integer_epochs(ax)
     ax.legend(fontsize=8)
-    return figure_html(figure_uri(fig), title, [key])
+    return figure_html(figure_uri(fig), "", [key], alt=title)
 
 
 def compare(dirs: list[Path]) -> tuple[str, str]:
@@ -71,13 +83,13 @@ def compare(dirs: list[Path]) -> tuple[str, str]:
     keys: list[str] = []
     for f in finals:
         keys += [k for k in f if k not in keys]
-    columns = ["run", *[k for k in ("method", "backbone", "data", "epochs", *LEADING, "train_minutes") if k in keys]]
+    columns = ["run", *[k for k in ("method", "backbone", "data", "epochs", *LEADING, "train_seconds") if k in keys]]
     columns += [k for k in keys if k not in columns]
     rows = [[name, *[f.get(c) for c in columns[1:]]] for name, f in zip(names, finals, strict=True)]
     named = list(zip(names, [r for _, r in runs], strict=True))
     plots = [p for p in (curves(named, "knn_top1", "kNN top-1 (%)"), curves(named, "loss", "training loss")) if p]
     body = (f"<h1>deepclust: {len(dirs)} runs compared</h1><p class='sub'>"
-            + html.escape(", ".join(str(d) for d in dirs)) + "</p><h2>Final metrics</h2><div class='scroll'>"
+            + html.escape(", ".join(str(d.resolve()) for d in dirs)) + "</p><h2>Final metrics</h2><div class='scroll'>"
             + table(columns, rows) + "</div><h2>Curves</h2><div class='grid'>" + "".join(plots) + "</div>")
     return markdown(columns, rows), page("deepclust: runs compared", body)
 

@@ -23,12 +23,13 @@ from ..cluster import cluster_geometry, kmeans
 from ..data import DataError, ImageData, default_test_spec, load_data
 from ..eval import assignment_metrics, contingency, extract_features, hungarian_match
 from .cluster import load_cluster_data, method_clusters
-from .html import (
+from .pages import (
     BOOKKEEPING,
     array_uri,
     figure_html,
     figure_uri,
     fmt,
+    integer_epochs,
     is_number,
     page,
     pyplot,
@@ -102,6 +103,7 @@ def curve_figures(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]
                 ax.axvline(start + 0.5, color="#bbb", lw=0.8)
         ax.set_xlabel("epoch" + (" (all rounds; grey lines: round starts)" if len(rounds) > 1 else ""))
         ax.set_title(group_title(keys), fontsize=10)
+        integer_epochs(ax)
         if len(keys) > 1:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

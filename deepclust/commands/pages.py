@@ -59,7 +59,11 @@ def fmt(value: Any) -> str:
 
 def table(columns: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    def cell(value: Any) -> str:
+        align = ' class="l"' if isinstance(value, str) else ""  # text left, numbers right
+        return f"<td{align}>{html.escape(fmt(value))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -91,6 +95,13 @@ def figure_html(uri: str, caption: str, metrics: list[str] | None = None, alt: s
     keys = f' data-metrics="{html.escape(" ".join(metrics))}"' if metrics else ""
     text = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     return f'<figure{keys}><img src="{uri}" alt="{html.escape(alt or caption)}">{text}</figure>'
+
+
+def integer_epochs(ax) -> None:
+    """Epoch axes tick at whole epochs only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def page(title: str, body: str) -> str:
