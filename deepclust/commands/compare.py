@@ -57,20 +57,20 @@ def markdown(columns: list[str], rows: list[list[Any]]) -> str:
 def curves(dirs_rows: list[tuple[str, list[dict[str, Any]]]], key: str, title: str) -> str | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    drawn = False
+    drawn: list[int] = []
     for name, rows in dirs_rows:
         points = [(r["global_epoch"] + 1, r[key]) for r in rows if is_number(r.get(key)) and "global_epoch" in r]
         if points:
             x, y = zip(*sorted(points), strict=True)  # the untrained row (epoch -1) plots at epoch 0
             ax.plot(x, y, marker="o" if len(points) < 30 else None, ms=3, label=name)
-            drawn = True
+            drawn += x
     if not drawn:
         pyplot().close(fig)
         return None
     ax.set_xlabel("epoch (0: the untrained network)" if key == "knn_top1" else "epoch")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    integer_epochs(ax)
+    integer_epochs(ax, drawn)
     ax.legend(fontsize=8)
     return figure_html(figure_uri(fig), "", [key], alt=title)
 

@@ -97,11 +97,17 @@ def figure_html(uri: str, caption: str, metrics: list[str] | None = None, alt: s
     return f'<figure{keys}><img src="{uri}" alt="{html.escape(alt or caption)}">{text}</figure>'
 
 
-def integer_epochs(ax) -> None:
-    """Epoch axes tick at whole epochs only."""
+def integer_epochs(ax, epochs: list[int]) -> None:
+    """Epoch axes tick at whole epochs only (each one when there are few); one epoch gets room around it."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    distinct = sorted(set(epochs))
+    if len(distinct) == 1:
+        ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
+    if len(distinct) <= 12:
+        ax.set_xticks(distinct)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def page(title: str, body: str) -> str:

@@ -103,7 +103,7 @@ def curve_figures(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]
                 ax.axvline(start + 0.5, color="#bbb", lw=0.8)
         ax.set_xlabel("epoch" + (" (all rounds; grey lines: round starts)" if len(rounds) > 1 else ""))
         ax.set_title(group_title(keys), fontsize=10)
-        integer_epochs(ax)
+        integer_epochs(ax, [x for points in series.values() for x, _ in points])
         if len(keys) > 1:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
