@@ -79,6 +79,27 @@ def test_cluster_geometry_by_hand():
     assert torch.allclose(cluster_geometry(x[:4], torch.zeros(4, dtype=torch.long)).confidence, torch.ones(4))
 
 
+def test_montage_groups_pick_largest_purest_least_pure():
+    from deepclust.commands.report import montage_groups
+
+    sizes = [30, 25, 20, 18, 16, 15, 14, 13, 12, 11, 1]  # cluster 10: one image, trivially pure
+    assignments = np.repeat(np.arange(11), sizes)
+    labels = np.zeros_like(assignments)
+    labels[assignments == 3] = 1  # cluster 3 pure (class 1)
+    for c, share in ((5, 0.5), (6, 0.4)):  # clusters 5 and 6 the least pure
+        members = np.flatnonzero(assignments == c)
+        labels[members[: int(share * len(members))]] = 2
+    labels[assignments == 10] = 3
+    groups = dict(montage_groups(assignments, labels, np.zeros(len(assignments)), 3))
+    assert groups["largest"] == [0, 1, 2]
+    assert groups["purest"][0] == 3 and 10 not in groups["purest"]  # too small to rank
+    assert groups["least pure"][:2] == [5, 6]
+    assert len({c for g in groups.values() for c in g}) == 9  # no cluster twice
+    distance = assignments.astype(float)  # cluster c's members at distance c: 0 most compact
+    groups = dict(montage_groups(assignments, None, distance, 3))
+    assert groups["most compact"] == [3, 4, 5] and groups["least compact"] == [9, 8, 7]  # 0-2: the largest
+
+
 # --- cluster ----------------------------------------------------------------------------------------
 
 
@@ -168,14 +189,16 @@ def test_export_resnet50_loads_strict_into_torchvision(tmp_path, capsys):
     assert all(torch.equal(tv_state[k], state[k]) for k in state)
 
 
-def test_export_instructions_load_resnet18_cifar(tmp_path, capsys):
-    run = tmp_path / "r18"
-    assert main(["train", "--method", "random", "--backbone", "resnet18_cifar", "--out", str(run), "subset=8",
+@pytest.mark.parametrize("backbone, step", [("resnet18_cifar", "model.maxpool = nn.Identity()"),
+                                            ("vgg16_bn", "model.avgpool = nn.AdaptiveAvgPool2d(1)")])
+def test_export_instructions_load_into_torchvision(backbone, step, tmp_path, capsys):
+    run = tmp_path / backbone
+    assert main(["train", "--method", "random", "--backbone", backbone, "--out", str(run), "subset=8",
                  "test_subset=4", "progress=false"]) == 0
     capsys.readouterr()
-    out = tmp_path / "r18.safetensors"
+    out = tmp_path / f"{backbone}.safetensors"
     rc, stdout, _ = run_cli(capsys, "export", "--checkpoint", run / "checkpoint.pt", "--out", out)
-    assert rc == 0 and "model.maxpool = nn.Identity()" in stdout
+    assert rc == 0 and step in stdout and "strict=True" in stdout
     code = stdout.split("Load it with:")[1]
     scope: dict = {}
     exec(code, scope)  # the printed lines, as a user pastes them
@@ -280,7 +303,7 @@ def test_report_command_on_unlabelled_test_data(deepcluster_run, tmp_path, capsy
     assert rc == 0 and "report.html" in stdout
     page = PageParser()
     page.feed((deepcluster_run / "report.html").read_text())
-    assert "most compact" in page.headings and "Clusters and classes" not in page.headings
+    assert "all 3 clusters, largest first" in page.headings and "Clusters and classes" not in page.headings
     for src in page.images:
         decode(src, deepcluster_run)
 

@@ -160,6 +160,8 @@ def montage_groups(assignments: np.ndarray, labels: np.ndarray | None, distance:
     in one group is not shown again while others remain."""
     ids, counts = np.unique(assignments[assignments >= 0], return_counts=True)  # -1: in no cluster
     size = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    if len(size) <= 3 * per_group:  # few clusters: each once
+        return [(f"all {len(size)} clusters, largest first", sorted(size, key=lambda c: -size[c]))]
     big_enough = [c for c in size if size[c] >= max(2, np.median(counts) / 2)] or list(size)
     if labels is not None:
         assigned = assignments >= 0
@@ -235,7 +237,8 @@ def embedding_sections(payload: dict[str, Any], config: dict[str, Any], test_spe
     """t-SNE / UMAP of the test images, k-means clusters against classes, montages of those clusters."""
     spec = test_spec or config.get("test_data") or default_test_spec(config.get("data", "digits"))
     if spec is None:
-        return ('<p class="note">No test data (pass --test-data): no embeddings or clusters to show.</p>')
+        return ('<h2>Test embeddings</h2><p class="note">No test data (pass --test-data): no embeddings or '
+                "clusters of test images to show.</p>")
     subset = None if test_spec else config.get("test_subset")
     data = load_data(spec, "test", payload["backbone"]["image_size"], config.get("bad_images", "fail"), subset)
     if len(data) > max_points:
@@ -305,7 +308,8 @@ def own_clusters_section(payload: dict[str, Any], device: str) -> str:
     count = int((own.unique() >= 0).sum())
     return (f"<h2>The method's own clusters</h2><p class='sub'>The {count} clusters of {payload['method']} on its "
             f"{len(data)} training images ({html.escape(data.name)}) at the end of training, as "
-            "<code>deepclust cluster</code> lists them; rows as above.</p>" + montages(data, own.numpy(), distance))
+            "<code>deepclust cluster</code> lists them; each row shows up to 12 members, from the nearest to the "
+            "farthest from the cluster's centre.</p>" + montages(data, own.numpy(), distance))
 
 
 def summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> str:
