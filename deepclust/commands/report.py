@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
 from ..cluster import cluster_geometry, kmeans
-from ..data import DataError, ImageData, default_test_spec, load_data
+from ..data import DataError, ImageData, default_test_spec, load_data, square_uint8
 from ..eval import assignment_metrics, contingency, extract_features, hungarian_match
 from .cluster import load_cluster_data, method_clusters
 from .pages import (
@@ -144,9 +144,12 @@ def scatter(points: np.ndarray, colour: np.ndarray, title: str, names: list[str]
 
 
 def montage_row(images: torch.Tensor, tile: int = 64) -> str:
-    """One strip of uint8 (n, 3, S, S) images, each scaled to ``tile`` px (nearest), 2 px apart."""
+    """One strip of uint8 (n, 3, S, S) images, 2 px apart: small ones enlarged to ``tile`` px (nearest), large
+    ones reduced to 2 ``tile`` px."""
     from torchvision.utils import make_grid
 
+    if images.shape[-1] > 2 * tile:  # large images: thumbnails keep the page small
+        images = square_uint8(images, 2 * tile)
     scale = max(1, tile // images.shape[-1])
     big = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     grid = make_grid(big, nrow=len(big), padding=2, pad_value=255)
