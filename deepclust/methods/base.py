@@ -49,7 +49,9 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name`` and a ``Config`` dataclass of their hyperparameters."""
 
     name: ClassVar[str] = ""
-    views: ClassVar[int] = 1  # augmented views per image in a batch
+    # Augmented views per image in a batch. A method whose count changes between epochs sets ``self.views``
+    # in before_epoch (PCP: 2 during its warm-up, then 1); the class value is the most it uses.
+    views: int = 1
     eval_feature: ClassVar[str] = "embedding"  # which features the kNN protocol reads
     trains: ClassVar[bool] = True  # False for the random-init reference
     uses_labels: ClassVar[bool] = False  # only the supervised reference
