@@ -158,6 +158,19 @@ def test_cluster_lists_the_methods_own_clusters(deepcluster_run, tmp_path, capsy
     assert rc == 2 and "--k" in err
 
 
+@pytest.mark.parametrize("method, buffer", [("odc", "labels"), ("uic", "next_targets"), ("pcp", "history")])
+def test_cluster_lists_each_methods_clusters(method, buffer, tmp_path, tiny_train_args, capsys):
+    run = tmp_path / method
+    assert main(["train", "--method", method, *tiny_train_args, "k=10" if method != "pcp" else "min_clusters=10",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    rc, stdout, _ = run_cli(capsys, "cluster", "--checkpoint", run / "checkpoint.pt", "--out", tmp_path / "c.csv")
+    assert rc == 0 and f"{method} clusters" in stdout
+    want = load_checkpoint(run / "checkpoint.pt")["state"][buffer]
+    want = want[0] if method == "pcp" else want  # PCP: the newest row of its assignment history
+    assert [int(r["cluster"]) for r in read_csv(tmp_path / "c.csv")] == want.tolist()
+
+
 # --- export -----------------------------------------------------------------------------------------
 
 
