@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .augment import Augment
 from .backbones import Backbone
+from .board import TensorBoardLog, open_board
 from .checkpoint import (
     CheckpointError,
     backbone_from_checkpoint,
@@ -218,9 +219,11 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     return row
 
 
-def write_metrics(path: Path, row: dict[str, Any]) -> None:
+def write_metrics(path: Path, row: dict[str, Any], board: TensorBoardLog | None = None) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if board is not None:
+        board.write(row)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -246,13 +249,14 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         metrics_path.unlink(missing_ok=True)
     with open(run.out / "config.yaml", "w") as f:
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
+    board = open_board(cfg.logger, run.out)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     if run.start == 0 and total > 0:  # the same network before training: the baseline every result is read against
         untrained = evaluate_knn(run)
         if untrained is not None:
             write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
-                                         "untrained": True})
+                                         "untrained": True}, board)
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         row = run_epoch(run, global_epoch)
@@ -261,13 +265,15 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
             row["knn_top1"] = evaluate_knn(run)
         log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in row.items()})
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
     if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
         row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
+    if board is not None:
+        board.close()
     baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
     return {**row, "knn_untrained": baseline} if baseline is not None else row

@@ -91,3 +91,8 @@ class Method(nn.Module):
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         """Numbers to log for the epoch."""
         return {}
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        """The method's own cluster id of every training sample (-1: none), or None when it has no
+        clusters (or has not made them yet). ``deepclust cluster`` and the report read it."""
+        return None

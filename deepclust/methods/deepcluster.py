@@ -63,3 +63,6 @@ class DeepCluster(Method):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        return self.assignments if bool((self.assignments >= 0).all()) else None
