@@ -29,6 +29,6 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 __all__ = [
     "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "kmeans",
-    "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats", "split_empty_clusters",
-    "strongly_connected_subgraphs",
+    "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats",
+    "split_empty_clusters", "strongly_connected_subgraphs",
 ]
