@@ -2,49 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_resume_equals_uninterrupted, read_rows, run_cfg
 
 from deepclust.backbones import Backbone
 from deepclust.checkpoint import load_checkpoint
 from deepclust.cluster import ClusteringError
-from deepclust.config import resolve
 from deepclust.methods import METHODS, Batch, EpochContext
 from deepclust.methods.anchor_neighbourhood import bank_entropy_and_nearest, select_anchors
 from deepclust.methods.deepcluster import DeepCluster
 from deepclust.methods.odc import ODC, class_weights
 from deepclust.methods.uic import UIC, split_empty_classes
 from deepclust.train import train
-
-
-def tiny_npz(tmp_path, n=96, classes=4, size=16, seed=0):
-    """Images whose class sets a dominant colour and a bar position, so a few epochs can learn something."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    images = rng.integers(0, 60, size=(n, size, size, 3), dtype=np.uint8)
-    for i, c in enumerate(labels):
-        images[i, :, :, c % 3] += 120
-        images[i, 2 * c: 2 * c + 3, :, :] = 250
-    path = tmp_path / "tiny.npz"
-    np.savez(path, images=images, labels=labels)
-    return str(path)
-
-
-def run_cfg(tmp_path, method, name="run", **keys):
-    data = tiny_npz(tmp_path)
-    layer = {"method": method, "data": data, "test_data": data, "backbone": "convnet", "width": 8,
-             "epochs": 2, "batch_size": 32, "out": str(tmp_path / name), "progress": False, "seed": 3,
-             "deterministic": True, "lr_decay_at": [], **keys}
-    return resolve([layer])
-
-
-def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def context(method, images, labels=None, epoch=0, round_=0, epochs=2, seed=0, optimizer=None):
@@ -326,18 +299,5 @@ def test_and_round_zero_is_npid_and_anchors_grow_per_round(tmp_path):
 
 
 def test_and_resume_mid_round_two_equals_uninterrupted(tmp_path):
-    keys = {"epochs": 2, "rounds": 2, "lr_decay_at": [0.5], "eval_every": 1}
-    cfg, hp = run_cfg(tmp_path, "and", name="full", **keys)
-    train(cfg, hp)
-    cfg, hp = run_cfg(tmp_path, "and", name="cut", stop_after=3, **keys)
-    train(cfg, hp)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["next_epoch"] == 3  # round 1, epoch 1
-    cfg, hp = run_cfg(tmp_path, "and", name="cut", **keys)
-    train(cfg, hp, resume=True)
-    full, cut = read_rows(tmp_path / "full"), read_rows(tmp_path / "cut")
-    drop = ("time", "targets_time")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in full] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in cut]
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["state"]
-    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_uninterrupted(tmp_path, "and", stop_after=3, epochs=2, rounds=2, lr_decay_at=[0.5],
+                                       eval_every=1)
