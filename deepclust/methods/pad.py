@@ -26,8 +26,9 @@ class PAD(NPID):
     - L_hpe = KL(p_i || p_hp) over the N-way bank softmax, where p_hp is a fixed target: for a sample in an
       SCS, hp is the member with the lowest affinity to the current embedding of i, and p_hp the softmax of
       hp's memory row; for an isolated sample, p_hp is the softmax of its second augmented view, forwarded
-      without gradient (the same network; one no-grad forward of the batch, skipped when nothing in it is
-      isolated). ``hpe=cosine`` (the paper's FCS): 1 - cos(embedding of i, the same hp feature).
+      without gradient (the same network, in training mode: the forward of the isolated samples' second
+      views also moves the BN running statistics). ``hpe=cosine`` (the paper's FCS): 1 - cos(embedding of
+      i, the same hp feature).
     - ``diffusion=false`` (the paper's Table 3): G_i = i and its k nearest bank neighbours (the paper used
       k = 10 there: set k=10); the hard positive is the least similar of them.
     - ``cyclic=false``: every vertex the search reaches joins, up to s. ``max_size=none``: no cap.
@@ -96,11 +97,11 @@ class PAD(NPID):
         others[rows, batch.index] = False
         grouped = others.any(1)
         hard = logits.detach().masked_fill(~others, float("inf")).argmin(1)  # least similar fellow member
-        target = self.bank.features[hard]
-        if not bool(grouped.all()):
+        target = self.bank.features[hard].clone()
+        isolated = torch.nonzero(~grouped).flatten()
+        if isolated.numel():  # only their second view is forwarded: the cost shrinks as the SCS share grows
             with torch.no_grad():
-                other_view = self.backbone(batch.views[1])
-            target = torch.where(grouped[:, None], target, other_view)
+                target[isolated] = self.backbone(batch.views[1][isolated]).to(target.dtype)
         if self.config.hpe == "cosine":
             return cosine_loss(z, target)
         return kl_loss(logits, self.bank.logits(target, self.config.tau))
