@@ -111,3 +111,19 @@ def test_pad_groups_come_from_the_bank_graph():
     method.before_epoch(ctx)
     assert method.stats["scs_precision"] == 1.0 and method.stats["scs_share"] == 1.0
     assert method.scs[:3].unique().numel() == 1 and method.scs[3:].unique().numel() == 1
+
+
+def test_plot_scs_reads_only_runs_with_scs_statistics(tmp_path):
+    import json
+
+    from benchmarks.plot_scs import main, scs_curves
+
+    for name, rows in (("pad", [{"global_epoch": e, "scs_share": 0.5 + e / 10, "scs_mean_size": 3.0,
+                                 "scs_precision": 0.9} for e in range(3)]),
+                       ("npid", [{"global_epoch": 0, "loss": 1.0}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = scs_curves(tmp_path)
+    assert list(runs) == ["pad"] and [r["scs_share"] for r in runs["pad"]] == [0.5, 0.6, 0.7]
+    assert main([str(tmp_path)]) == 0 and (tmp_path / "scs_curves.png").stat().st_size > 0
+    assert main([str(tmp_path / "npid")]) == 1
