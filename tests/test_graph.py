@@ -42,6 +42,12 @@ def test_knn_graph_float64_and_with_self():
     assert torch.equal(idx, want.indices) and torch.allclose(sims, want.values)
 
 
+def test_knn_graph_bfloat16_takes_the_torch_path():
+    x = F.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    _, idx = knn_graph(x.bfloat16(), 3)
+    assert (idx == brute_force(x.bfloat16().float(), 3)[1]).float().mean() > 0.95  # bf16 rounding may swap ties
+
+
 def test_topk_by_group_max_equals_topk_including_ties_and_transposed_views():
     s = torch.randint(0, 5, (40, 1003)).float()  # many ties: compare values, and that indices hold them
     for view in (s, s[:, :1000].t()):

@@ -101,11 +101,13 @@ def merge_block(s: torch.Tensor, col_offset: int, vals: torch.Tensor, idx: torch
     """Merge the entries of block ``s`` (B, M; column c is sample c + col_offset) into the running top-k
     lists ``vals``, ``idx`` (B, k), in place. ``s`` may be a transposed view.
 
-    ``compiled`` (default: on CPU): the group maxima (one vectorised pass) let a compiled scan skip every
+    ``compiled`` (default: on CPU, float32/64): the group maxima (one vectorised pass) let a compiled scan skip every
     group that cannot beat a row's current k-th entry. Otherwise (GPU): ``topk_by_group_max`` and a merge.
     """
     b, m = s.shape
-    if not (s.device.type == "cpu" if compiled is None else compiled):
+    if compiled is None:
+        compiled = s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64)
+    if not compiled:
         v, c = topk_by_group_max(s, min(vals.shape[1], m), groups)
         merge_topk(vals, idx, v, c + col_offset)
         return
