@@ -51,6 +51,7 @@ PROFILES: dict[str, dict] = {
             "deepcluster": {"k": 30},
             "odc": {"k": 30, "min_cluster": 5},
             "uic": {"k": 30},
+            "pcp": {"min_clusters": 30},  # N_t: 1,438 -> 30
         },
     },
     # CPU comparison: 5,000 CIFAR-10 training images, a small ConvNet, 15 epochs per method.
@@ -72,6 +73,30 @@ PROFILES: dict[str, dict] = {
             "deepcluster": {"k": 100},  # ~50 images per cluster on 5,000 images
             "odc": {"k": 100, "min_cluster": 10},
             "uic": {"k": 100},
+            # N_t: 5,000 -> 100 (the floor from epoch 7). The paper votes over 15 epochs that all lie at the
+            # floor (epochs 85-99 of 200); here the last 4 before epoch 12, all at the floor (4 is the fewest
+            # whose best score, 1 + 0.8 + ... + 0.8^4 = 3.36, can reach the pull-back threshold 3.0).
+            "pcp": {"min_clusters": 100, "vote_start": 0.75, "vote_epochs": 4},
+        },
+    },
+    # CPU profile in which learning should show (issue 10): twice the cpu profile's images, over three times
+    # its epochs; about 10 minutes a seed for a 1-view method on 2 cores (IS, 2 views: about twice that).
+    # Run it with --seeds 0,1,2 --jobs 2 (one thread each). Cluster counts are left to k = N / 50 (200).
+    "medium": {
+        "train": {
+            **PROTOCOL,
+            "data": CIFAR10_TRAIN,
+            "test_data": CIFAR10_TEST,
+            "backbone": "convnet",
+            "width": 32,
+            "subset": 10000,
+            "test_subset": 2000,
+            "epochs": 50,
+            "eval_every": 10,
+            "device": "cpu",
+        },
+        "methods": {
+            "and": {"rounds": 2, "epochs": 25},  # NPID for 25 epochs, then one anchor round: 50 epochs in all
         },
     },
     # METHODS.md's CIFAR-10 recipe (CIFAR ResNet-18, full 50k, 200 epochs a round), for a GPU.

@@ -1,13 +1,15 @@
 """Benchmark harness: train every method under one fixed profile, evaluate it, tabulate.
 
-    python -m benchmarks.run --profile smoke|cpu|paper [--methods m1,m2] [--data SPEC] [--test-data SPEC]
+    python -m benchmarks.run --profile smoke|cpu|medium|paper [--methods m1,m2] [--seeds 0,1,2] [--jobs J]
+                             [--set key=value ...] [--data SPEC] [--test-data SPEC]
                              [--epochs N | --max-epochs N] [--threads T] [--timeout S] --out DIR
 
-Each method runs in its own subprocess (``--one METHOD``, so peak RSS is that method's own), trains
-through ``deepclust.config.resolve`` + ``deepclust.train.train`` into DIR/METHOD, then evaluates the
+Each (method, seed) runs in its own subprocess (``--one METHOD --seed S``, so peak RSS is its own), trains
+through ``deepclust.config.resolve`` + ``deepclust.train.train`` into DIR/METHOD/seedS, then evaluates the
 final checkpoint: kNN top-1 (the trainer's last metrics row), a linear probe on pooled features and
-clustering metrics on the method's eval features of the test set. The parent writes DIR/results.json,
-DIR/results.md and DIR/knn_curves.png, and exits 1 naming every method that failed.
+clustering metrics on the method's eval features of the test set. The parent aggregates the seeds of each
+method (mean ± std), compares every method with the untrained network (``random``) against the seed
+spread, writes DIR/results.json, DIR/results.md and DIR/knn_curves.png, and exits 1 naming every failure.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ from .profiles import PAPER_KNN, PAPER_KNN_HEADER, PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = "supervised"  # epoch times are given relative to this method's
+UNTRAINED = "random"  # quality is given relative to this method's (the untrained network)
+QUALITY = ("knn_top1", "linear_top1", "nmi", "ari", "acc")  # aggregated as mean ± std over seeds
 PATH_KEYS = ("data", "test_data")
 
 log = logging.getLogger("benchmarks")
@@ -73,7 +78,9 @@ def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[l
     override = spec["methods"].get(method, {})
     applied = {k: v for k, v in override.items() if k in valid}
     dropped = sorted(k for k in override if k not in valid)
-    cli = {"method": method, "out": str(Path(args.out) / method)}
+    cli = {"method": method, "out": str(unit_dir(args.out, method, args.seed))}
+    if args.seed is not None:
+        cli["seed"] = args.seed
     if args.epochs is not None:
         cli["epochs"] = args.epochs
     if args.max_epochs is not None:
@@ -81,7 +88,24 @@ def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[l
             raise ValueError("--max-epochs needs the trainer key stop_after, which this deepclust lacks; "
                              "use --epochs")
         cli["stop_after"] = args.max_epochs
+    extra = parse_sets(args.set or [])
+    unknown = sorted(k for k in extra if k not in valid)
+    if unknown:  # a --set key this method lacks applies to the methods that have it
+        dropped += [f"{k} (--set)" for k in unknown]
+    cli.update({k: v for k, v in extra.items() if k in valid})
     return [base, applied, cli], applied, dropped
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs, as the ``deepclust train`` command line takes them."""
+    from deepclust.config import parse_overrides
+
+    return parse_overrides(pairs)
+
+
+def unit_dir(out: str | Path, method: str, seed: int | None) -> Path:
+    """Where one (method, seed) run writes: OUT/METHOD/seedS (OUT/METHOD without a seed)."""
+    return Path(out) / method / f"seed{seed}" if seed is not None else Path(out) / method
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -91,12 +115,6 @@ def peak_rss_mb() -> float:
     """Process-wide peak resident set size (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate(cfg, device, need_knn: bool) -> dict[str, Any]:
@@ -136,15 +154,15 @@ def run_one(args: argparse.Namespace) -> int:
 
     from deepclust.config import as_dict, resolve
     from deepclust.methods import METHODS
-    from deepclust.train import resolve_device, train
+    from deepclust.train import read_metrics, resolve_device, train
 
     method = args.one
-    mdir = Path(args.out) / method
+    mdir = unit_dir(args.out, method, args.seed)
     mdir.mkdir(parents=True, exist_ok=True)
     result_path = mdir / "result.json"
     result_path.unlink(missing_ok=True)
     t_start, watch = time.perf_counter(), CpuWatch()
-    result: dict[str, Any] = {"method": method, "status": "failed", "stage": "config"}
+    result: dict[str, Any] = {"method": method, "seed": args.seed, "status": "failed", "stage": "config"}
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -170,6 +188,8 @@ def run_one(args: argparse.Namespace) -> int:
         if cuda:
             result["gpu_peak_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
         rows = read_metrics(mdir / "metrics.jsonl")
+        untrained = next((r["knn_top1"] for r in rows if r.get("untrained")), None)
+        rows = [r for r in rows if not r.get("untrained")]
         times = [r["time"] for r in rows if "time" in r]
         result.update(
             epochs_run=len(times),
@@ -177,8 +197,10 @@ def run_one(args: argparse.Namespace) -> int:
             epoch_time_median_s=statistics.median(times) if times else None,
             targets_time_median_s=statistics.median(r.get("targets_time", 0.0) for r in rows) if times else None,
             knn_top1=rows[-1].get("knn_top1") if rows else None,
-            knn_curve=[[r["global_epoch"] + 1 if "time" in r else r["global_epoch"], r["knn_top1"]]
-                       for r in rows if r.get("knn_top1") is not None],
+            knn_untrained=untrained,
+            knn_curve=([[0, untrained]] if untrained is not None else [])
+            + [[r["global_epoch"] + 1 if "time" in r else r["global_epoch"], r["knn_top1"]]
+               for r in rows if r.get("knn_top1") is not None],
             label_change_curve=[[r["global_epoch"] + 1, r["label_change"]] for r in rows if "label_change" in r],
             last_row={k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))} if rows else {},
         )
@@ -206,12 +228,14 @@ def run_one(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def child_command(args: argparse.Namespace, method: str) -> list[str]:
+def child_command(args: argparse.Namespace, method: str, seed: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.run", "--one", method, "--profile", args.profile, "--out", args.out]
     for flag, value in (("--data", args.data), ("--test-data", args.test_data), ("--epochs", args.epochs),
-                        ("--max-epochs", args.max_epochs), ("--threads", args.threads)):
+                        ("--max-epochs", args.max_epochs), ("--threads", args.threads), ("--seed", seed)):
         if value is not None:
             cmd += [flag, str(value)]
+    for pair in args.set or []:
+        cmd += ["--set", pair]
     return cmd
 
 
@@ -222,8 +246,8 @@ def log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
-def run_child(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    mdir = Path(args.out) / method
+def run_child(args: argparse.Namespace, method: str, seed: int | None) -> dict[str, Any]:
+    mdir = unit_dir(args.out, method, seed)
     mdir.mkdir(parents=True, exist_ok=True)
     result_path = mdir / "result.json"
     result_path.unlink(missing_ok=True)
@@ -233,13 +257,13 @@ def run_child(args: argparse.Namespace, method: str) -> dict[str, Any]:
     failure = None
     with open(mdir / "log.txt", "w") as logf:
         try:
-            proc = subprocess.run(child_command(args, method), stdout=logf, stderr=subprocess.STDOUT, env=env,
+            proc = subprocess.run(child_command(args, method, seed), stdout=logf, stderr=subprocess.STDOUT, env=env,
                                   timeout=args.timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc, failure = None, f"timed out after {args.timeout} s"
     wall = time.perf_counter() - t0
-    result: dict[str, Any] = {"method": method, "status": "failed"}
+    result: dict[str, Any] = {"method": method, "seed": seed, "status": "failed"}
     if result_path.is_file():
         try:
             result = json.loads(result_path.read_text())
@@ -258,15 +282,68 @@ def run_child(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return result
 
 
-def add_ratios(results: list[dict]) -> float | None:
-    """Epoch time relative to the reference method's median epoch time, and per view for 2-view methods."""
-    ref = next((r.get("epoch_time_median_s") for r in results if r["method"] == REFERENCE), None)
-    for r in results:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for a single value: no spread is known)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def mean_curve(curves: list[list[list[float]]]) -> tuple[list[list[float]], list[float]]:
+    """Per-epoch mean and std of the seeds' curves, at the epochs every seed logged."""
+    if not curves or not all(curves):
+        return [], []
+    points = [dict((x, y) for x, y in c) for c in curves]
+    epochs = sorted(set.intersection(*(set(p) for p in points)))
+    stats = [mean_std([p[x] for p in points]) for x in epochs]
+    return [[x, m] for x, (m, _) in zip(epochs, stats, strict=True)], [sd or 0.0 for _, sd in stats]
+
+
+def aggregate(method: str, runs: list[dict]) -> dict[str, Any]:
+    """One row per method: quality as mean ± std over its seeds, times as medians, memory as the maximum."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    row: dict[str, Any] = {"method": method, "status": "ok" if ok and len(ok) == len(runs) else "failed",
+                           "seeds": [r.get("seed") for r in runs], "seeds_ok": len(ok),
+                           "errors": [f"seed {r.get('seed')}: {r.get('error')}" for r in runs if r["status"] != "ok"]}
+    first = ok[0] if ok else runs[0]
+    for key in ("views", "trains", "overrides", "dropped_overrides", "other_cores", "eval_feature"):
+        row[key] = first.get(key)
+    for key in QUALITY:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        row[key], row[f"{key}_std"] = mean_std(values)
+        row[f"{key}_values"] = values
+    for key in ("epoch_time_median_s", "targets_time_median_s", "train_wall_s", "eval_wall_s", "subprocess_wall_s",
+                "rss_after_imports_mb", "gpu_peak_mb", "epochs_run"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    peaks = [r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None]
+    row["peak_rss_mb"] = max(peaks) if peaks else None
+    row["other_cores"] = max((r["other_cores"] for r in runs if r.get("other_cores") is not None), default=None)
+    for key in ("knn_curve", "label_change_curve"):
+        row[key], row[f"{key}_std"] = mean_curve([r.get(key) or [] for r in ok])
+    return row
+
+
+def add_comparisons(rows: list[dict]) -> float | None:
+    """Epoch time relative to the reference's; quality relative to the untrained network's, against the spread.
+
+    The spread of a difference is the sum of the two rows' seed standard deviations: a difference no larger
+    than it is marked as within the spread (not evidence of a change).
+    """
+    ref = next((r.get("epoch_time_median_s") for r in rows if r["method"] == REFERENCE), None)
+    base = next((r for r in rows if r["method"] == UNTRAINED and r["status"] == "ok"), None)
+    for r in rows:
         t = r.get("epoch_time_median_s")
         r["ratio_to_supervised"] = t / ref if ref and t is not None else None
         views = r.get("views") or 1
         r["ratio_per_view"] = r["ratio_to_supervised"] / views if views == 2 and r["ratio_to_supervised"] else None
         r["paper_knn"] = PAPER_KNN.get(r["method"])
+        if base is None or r is base or r.get("knn_top1") is None or base.get("knn_top1") is None:
+            r["knn_gain"] = r["knn_gain_spread"] = None
+            continue
+        r["knn_gain"] = r["knn_top1"] - base["knn_top1"]
+        stds = [r.get("knn_top1_std"), base.get("knn_top1_std")]
+        r["knn_gain_spread"] = sum(stds) if all(v is not None for v in stds) else None
     return ref
 
 
@@ -278,9 +355,27 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def fmt_pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    """'mean ± std' (or the single value when there is one seed)."""
+    std = row.get(f"{key}_std")
+    return fmt(row.get(key), digits) + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def fmt_gain(row: dict[str, Any]) -> str:
+    gain, spread = row.get("knn_gain"), row.get("knn_gain_spread")
+    if gain is None:
+        return "-"
+    if spread is None:
+        return f"{gain:+.2f} (spread unknown: one seed)"
+    if abs(gain) <= spread:
+        return f"{gain:+.2f} (within spread {spread:.2f})"
+    return f"{gain:+.2f} ({abs(gain) / spread:.1f}x spread)" if spread > 0 else f"{gain:+.2f}"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     results = summary["methods"]
     cfg = summary["profile_train"]
+    seeds = summary.get("seeds") or [cfg.get("seed")]
     lines = [
         f"# deepclust benchmark: profile `{summary['profile']}`",
         "",
@@ -291,7 +386,10 @@ def markdown(summary: dict[str, Any]) -> str:
         + (f" (stopped after {cfg['stop_after']} in all: --max-epochs)" if cfg.get("stop_after") else "")
         + f", batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, "
         f"decay at {cfg.get('lr_decay_at')}, eval every {cfg.get('eval_every')}",
-        f"- started {summary['started']}, total wall {summary['total_wall_s']:.1f} s, host: {summary['host']}",
+        f"- seeds: {', '.join(str(s) for s in seeds)} (quality: mean ± sample std over the seeds)"
+        + (f"; --set {' '.join(summary['sets'])}" if summary.get("sets") else ""),
+        f"- started {summary['started']}, total wall {summary['total_wall_s']:.1f} s, {summary.get('jobs', 1)} "
+        f"job(s) at once, host: {summary['host']}",
         f"- reference ({REFERENCE}) median epoch: {fmt(summary['reference_epoch_s'], 3)} s",
     ]
     others = [r["other_cores"] for r in results if r.get("other_cores") is not None]
@@ -299,38 +397,40 @@ def markdown(summary: dict[str, Any]) -> str:
     if busy:
         lines.append(f"- **{busy}** (worst method; see run details)")
     if not summary["complete"]:
-        lines.append(f"- **incomplete**: {len(results)} of {len(summary['selected'])} methods done so far")
+        lines.append(f"- **incomplete**: {len(summary['runs'])} of {summary['units']} runs done so far")
     lines += [
         "",
-        f"| method | kNN top-1 | linear top-1 | NMI | ARI | acc | epoch s | ratio to supervised | ratio per view "
-        f"| peak RSS MB | {PAPER_KNN_HEADER} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| method | kNN top-1 | kNN vs untrained | linear top-1 | NMI | ARI | acc | epoch s | ratio to supervised "
+        f"| ratio per view | peak RSS MB | {PAPER_KNN_HEADER} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        name = r["method"] if r["status"] == "ok" else f"{r['method']} (FAILED)"
+        name = r["method"] if r["status"] == "ok" else f"{r['method']} (FAILED {len(r['errors'])})"
         lines.append(
-            f"| {name} | {fmt(r.get('knn_top1'))} | {fmt(r.get('linear_top1'))} | {fmt(r.get('nmi'), 3)} "
-            f"| {fmt(r.get('ari'), 3)} | {fmt(r.get('acc'))} | {fmt(r.get('epoch_time_median_s'))} "
+            f"| {name} | {fmt_pm(r, 'knn_top1')} | {fmt_gain(r)} | {fmt_pm(r, 'linear_top1')} | {fmt_pm(r, 'nmi', 3)} "
+            f"| {fmt_pm(r, 'ari', 3)} | {fmt_pm(r, 'acc')} | {fmt(r.get('epoch_time_median_s'))} "
             f"| {fmt(r.get('ratio_to_supervised'))} | {fmt(r.get('ratio_per_view'))} | {fmt(r.get('peak_rss_mb'), 0)} "
             f"| {r.get('paper_knn') or '-'} |")
-    lines += ["", "Run details:", "",
-              "| method | views | epochs run | targets s (median) | train s | eval s | subprocess s "
-              "| RSS after imports MB | GPU peak MB | other cores | per-method overrides |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += ["", "Run details (medians over seeds):", "",
+              "| method | seeds ok | views | epochs run | targets s | train s | eval s | subprocess s "
+              "| RSS after imports MB | GPU peak MB | other cores | overrides |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         overrides = ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "-"
         if r.get("dropped_overrides"):
             overrides += f" (dropped, not keys of this method: {', '.join(r['dropped_overrides'])})"
         lines.append(
-            f"| {r['method']} | {fmt(r.get('views'))} | {fmt(r.get('epochs_run'))} "
+            f"| {r['method']} | {r['seeds_ok']}/{len(r['seeds'])} | {fmt(r.get('views'))} | {fmt(r.get('epochs_run'))} "
             f"| {fmt(r.get('targets_time_median_s'), 3)} | {fmt(r.get('train_wall_s'), 1)} "
             f"| {fmt(r.get('eval_wall_s'), 1)} | {fmt(r.get('subprocess_wall_s'), 1)} "
             f"| {fmt(r.get('rss_after_imports_mb'), 0)} | {fmt(r.get('gpu_peak_mb'), 0)} | {fmt(r.get('other_cores'))} "
             f"| {overrides} |")
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
-        lines += [""] + [f"FAILED: {r['method']} ({r.get('error')})" for r in failed]
-    lines += ["", "kNN / linear / acc in %; NMI, ARI in [0, 1] (ARI in [-1, 1]). epoch s: median of the trainer's "
+        lines += [""] + [f"FAILED: {r['method']} ({'; '.join(r['errors'])})" for r in failed]
+    lines += ["", "kNN / linear / acc in %; NMI, ARI in [0, 1] (ARI in [-1, 1]). kNN vs untrained: the difference "
+              f"from the `{UNTRAINED}` row, and how many times the spread (the sum of the two rows' seed std) it is; "
+              "'within spread' marks a difference no larger than the spread. epoch s: median of the trainer's "
               "per-epoch `time` (targets + steps, no kNN pass). ratio per view: for 2-view methods. "
               f"{PAPER_KNN_HEADER}: published CIFAR-10 ResNet-18 numbers (METHODS.md); comparable only with the "
               "paper profile run in full.", "", "![kNN curves](knn_curves.png)", ""]
@@ -354,11 +454,16 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
         if not r.get("trains", True):  # untrained reference: a level, not a curve
             ax.axhline(ys[-1], linestyle=":", color="gray", label=f"{r['method']} (untrained)")
         else:
-            ax.plot(xs, ys, marker="o", markersize=3, label=r["method"])
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=r["method"])
+            std = r.get("knn_curve_std") or []
+            if any(std):
+                lo = [y - s for y, s in zip(ys, std, strict=True)]
+                hi = [y + s for y, s in zip(ys, std, strict=True)]
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlim(0, max(1, last_epoch))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_ylabel("kNN top-1 (%), mean ± std over seeds")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -396,7 +501,9 @@ def plot_label_change(results: list[dict], path: Path, title: str) -> None:
 
 
 def write_outputs(summary: dict[str, Any], out: Path) -> None:
-    summary["reference_epoch_s"] = add_ratios(summary["methods"])
+    order = [m for m in summary["selected"] if any(r["method"] == m for r in summary["runs"])]
+    summary["methods"] = [aggregate(m, [r for r in summary["runs"] if r["method"] == m]) for m in order]
+    summary["reference_epoch_s"] = add_comparisons(summary["methods"])
     summary["failed"] = [r["method"] for r in summary["methods"] if r["status"] != "ok"]
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
@@ -433,6 +540,7 @@ def run_all(args: argparse.Namespace) -> int:
     else:
         selected = method_order(available)
     try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
         layers, _, _ = build_layers(args.profile, selected[0], args)
     except ValueError as err:
         print(f"benchmarks.run: {err}", file=sys.stderr)
@@ -443,36 +551,46 @@ def run_all(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    units = [(m, s) for m in selected for s in seeds]
+    jobs = max(1, min(args.jobs, len(units)))
+    if jobs > 1 and args.threads is None:  # jobs sharing the cores must not each take all of them
+        args.threads = max(1, (os.cpu_count() or 1) // jobs)
     summary: dict[str, Any] = {
         "profile": args.profile, "argv": sys.argv, "selected": selected,
+        "seeds": [s for s in seeds if s is not None] or [layers[0].get("seed")], "sets": args.set or [],
+        "jobs": jobs, "units": len(units),
         "started": datetime.datetime.now().isoformat(timespec="seconds"), "host": host_info(args.threads),
         "profile_train": layers[0] | {k: v for k, v in layers[2].items() if k in ("epochs", "stop_after")},
-        "profile_methods": PROFILES[args.profile]["methods"], "methods": [], "complete": False, "total_wall_s": 0.0,
+        "profile_methods": PROFILES[args.profile]["methods"], "runs": [], "methods": [], "complete": False,
+        "total_wall_s": 0.0,
     }
     if REFERENCE not in selected:
         print(f"note: {REFERENCE} is not selected, so there is no epoch-time reference", file=sys.stderr)
     t0 = time.perf_counter()
-    for i, method in enumerate(selected, 1):
-        print(f"[{i}/{len(selected)}] {method} ...", flush=True)
-        r = run_child(args, method)
-        summary["methods"].append(r)
-        summary["total_wall_s"] = time.perf_counter() - t0
-        if r["status"] == "ok":
-            print(f"    ok in {r['subprocess_wall_s']:.1f} s: kNN {fmt(r.get('knn_top1'))}, linear "
-                  f"{fmt(r.get('linear_top1'))}, NMI {fmt(r.get('nmi'), 3)}, "
-                  f"epoch {fmt(r.get('epoch_time_median_s'))} s", flush=True)
-        else:
-            print(f"    FAILED in {r['subprocess_wall_s']:.1f} s: {r.get('error')} (log: {r['log']})", flush=True)
-        write_outputs(summary, out)
+    with ThreadPoolExecutor(jobs) as pool:  # each thread waits on one child process
+        futures = {pool.submit(run_child, args, m, s): (m, s) for m, s in units}
+        for done, future in enumerate(as_completed(futures), 1):
+            r = future.result()
+            summary["runs"].append(r)
+            summary["total_wall_s"] = time.perf_counter() - t0
+            label = r["method"] + (f" seed {r['seed']}" if r.get("seed") is not None else "")
+            if r["status"] == "ok":
+                print(f"[{done}/{len(units)}] {label} ok in {r['subprocess_wall_s']:.1f} s: kNN "
+                      f"{fmt(r.get('knn_top1'))}, linear {fmt(r.get('linear_top1'))}, NMI {fmt(r.get('nmi'), 3)}, "
+                      f"epoch {fmt(r.get('epoch_time_median_s'))} s", flush=True)
+            else:
+                print(f"[{done}/{len(units)}] {label} FAILED in {r['subprocess_wall_s']:.1f} s: {r.get('error')} "
+                      f"(log: {r['log']})", flush=True)
+            write_outputs(summary, out)
     summary["complete"] = True
     summary["total_wall_s"] = time.perf_counter() - t0
     write_outputs(summary, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'knn_curves.png'} "
           f"({summary['total_wall_s']:.1f} s)")
-    failed = [r for r in summary["methods"] if r["status"] != "ok"]
-    for r in failed:
-        print(f"FAILED: {r['method']} ({r.get('error')})", file=sys.stderr)
-    return 1 if failed else 0
+    for r in summary["methods"]:
+        if r["status"] != "ok":
+            print(f"FAILED: {r['method']} ({'; '.join(r['errors'])})", file=sys.stderr)
+    return 1 if summary["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,10 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int,
                    help="stop every method after this many epochs in all, keeping the profile's schedule "
                         "(trainer key stop_after): a timed check of a long profile")
+    p.add_argument("--seeds", help="comma-separated seeds: each method runs once per seed into OUT/METHOD/seedS, "
+                                   "and the table gives mean ± std (default: the profile's seed, into OUT/METHOD)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config key for every method that has it, after the profile's (repeatable)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once; each then gets cpu_count / jobs torch threads unless --threads is given")
     p.add_argument("--threads", type=int, help="torch intra-op threads in each method's process (default: torch's)")
     p.add_argument("--timeout", type=float, help="seconds allowed per method (default: no limit)")
     p.add_argument("--out", required=True, help="output folder; each method writes into OUT/METHOD")
     p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)  # internal: run one method in-process
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # internal: the seed of that run
     return p
 
 

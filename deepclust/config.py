@@ -51,9 +51,11 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; default: the cores other jobs leave free (logged)
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
     progress: bool = True
+    logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
     # evaluation
@@ -153,7 +155,7 @@ def check_choices(merged: dict[str, Any]) -> None:
     from .backbones import BACKBONES
 
     choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"),
-               "eval_feature": (None, "embedding", "pooled")}
+               "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:
             raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "

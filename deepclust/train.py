@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .augment import Augment
 from .backbones import Backbone
+from .board import TensorBoardLog, open_board
 from .checkpoint import (
     CheckpointError,
     backbone_from_checkpoint,
@@ -34,6 +35,7 @@ from .data import ImageData, IndexedImages, load_train_test
 from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
+from .runtime import choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +111,13 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if resume:
         payload = load_checkpoint(ckpt_path)
         check_compatible(payload, cfg.method, backbone_spec(cfg), ckpt_path)
+    threads = choose_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        log.info("training on the CPU with %d torch thread(s)", threads)
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset)
     if payload is not None and payload["num_samples"] != len(data):
@@ -129,7 +134,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(method.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     run = Run(cfg, hparams, method, optimizer, data, test, device, out)
     if payload is not None:
@@ -183,7 +188,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     batches = [b.tolist() for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr if group.get("scheduled", True) else cfg.lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
     augment = Augment(run.data.image_size)
@@ -214,18 +219,23 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     return row
 
 
-def write_metrics(path: Path, row: dict[str, Any]) -> None:
+def write_metrics(path: Path, row: dict[str, Any], board: TensorBoardLog | None = None) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if board is not None:
+        board.write(row)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop rows of epochs that the checkpoint does not hold (written just before a crash)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("global_epoch", -1) < next_epoch]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [r for r in read_metrics(path) if r.get("global_epoch", -1) < next_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
@@ -239,8 +249,14 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
         metrics_path.unlink(missing_ok=True)
     with open(run.out / "config.yaml", "w") as f:
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
+    board = open_board(cfg.logger, run.out)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    if run.start == 0 and total > 0:  # the same network before training: the baseline every result is read against
+        untrained = evaluate_knn(run)
+        if untrained is not None:
+            write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
+                                         "untrained": True}, board)
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         row = run_epoch(run, global_epoch)
@@ -249,12 +265,15 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
             row["knn_top1"] = evaluate_knn(run)
         log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in row.items()})
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
     if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
         row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
-    return row
+    if board is not None:
+        board.close()
+    baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
+    return {**row, "knn_untrained": baseline} if baseline is not None else row

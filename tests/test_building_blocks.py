@@ -336,3 +336,15 @@ def test_balanced_indices_fewer_draws_than_classes():
     labels = torch.arange(10)
     picks = balanced_indices(labels, 4, gen(0))
     assert picks.numel() == 4 and picks.unique().numel() == 4
+
+
+def test_cluster_count_keeps_the_papers_cluster_size():
+    from deepclust.cluster import cluster_count
+
+    assert cluster_count(None, 50_000) == 1000  # CIFAR-10: the PCP paper's DeepCluster k
+    assert cluster_count(None, 8_000) == 160
+    assert cluster_count(None, 1_281_167) == 10_000  # ImageNet: DeepCluster's and ODC's k
+    assert cluster_count(None, 60) == 2
+    assert cluster_count(7, 60) == 7  # a k the user sets is kept
+    with pytest.raises(ClusteringError, match="k = 70 clusters but only 60 samples"):
+        cluster_count(70, 60)

@@ -186,8 +186,9 @@ def test_supervised_on_unlabelled_data_exits_2(tmp_path, capsys):
 def test_train_writes_checkpoint_metrics_config(trained_run):
     assert sorted(p.name for p in trained_run.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl"]
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1
-    row = rows[0]
+    assert len(rows) == 2
+    assert rows[0]["untrained"] and rows[0]["global_epoch"] == -1 and 0 <= rows[0]["knn_top1"] <= 100
+    row = rows[1]
     for key in ("epoch", "loss", "lr", "time", "knn_top1"):
         assert key in row, key
     assert row["epoch"] == 0 and row["global_epoch"] == 0
@@ -218,6 +219,19 @@ def test_train_prints_summary(tmp_path, capsys, tiny_train_args):
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 <= rows[0]["knn_top1"] <= 100  # random-init trains nothing, evaluates once
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["eval_feature"] == "pooled"
+
+
+def test_train_prints_the_untrained_networks_knn_beside_its_own(tmp_path, capsys, tiny_train_args):
+    # the baseline row is the same network before training: for a method read on pooled features it is
+    # exactly what the random-init reference of the same seed scores
+    rc, out, _ = run_cli(capsys, "train", "--method", "uic", "--out", tmp_path / "u", *tiny_train_args, "k=5")
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
+    baseline = rows[0]["knn_top1"]
+    assert rows[0]["untrained"] and f"(the untrained network: {baseline:.2f}%)" in out
+    run_cli(capsys, "train", "--method", "random", "--out", tmp_path / "r", *tiny_train_args)
+    random_row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert random_row["knn_top1"] == baseline
 
 
 def test_init_from_checkpoint(trained_checkpoint, tmp_path, capsys, tiny_train_args):

@@ -7,31 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_equals_uninterrupted, read_rows, run_cfg
+import yaml
+from helpers import assert_resume_equals_uninterrupted, context, read_rows, run_cfg
 
 from deepclust.backbones import Backbone
 from deepclust.checkpoint import load_checkpoint
 from deepclust.cluster import ClusteringError
-from deepclust.methods import METHODS, Batch, EpochContext
+from deepclust.methods import METHODS, Batch
 from deepclust.methods.anchor_neighbourhood import bank_entropy_and_nearest, select_anchors
 from deepclust.methods.deepcluster import DeepCluster
 from deepclust.methods.odc import ODC, class_weights
 from deepclust.methods.uic import UIC, split_empty_classes
 from deepclust.train import train
-
-
-def context(method, images, labels=None, epoch=0, round_=0, epochs=2, seed=0, optimizer=None):
-    """A real EpochContext around a real feature pass, as the trainer builds it."""
-    from deepclust.eval import extract_features
-    from deepclust.train import reset_optimizer_state
-
-    def extract(feature, normalize=True):
-        return extract_features(method.backbone, images, feature, normalize=normalize)
-
-    reset = (lambda m: reset_optimizer_state(optimizer, m)) if optimizer is not None else (lambda m: None)
-    return EpochContext(round_, epoch, epochs, 1, seed, torch.Generator().manual_seed(seed), torch.device("cpu"),
-                        extract, labels, reset)
-
 
 # --- DeepCluster -----------------------------------------------------------------------------------------------
 
@@ -65,6 +52,29 @@ def test_deepcluster_logs_nmi_and_cluster_sizes(tmp_path):
         assert row["cluster_size_empty"] == 0 and row["cluster_size_min"] >= 1
         assert row["cluster_size_max"] >= row["cluster_size_median"] >= row["cluster_size_min"]
         assert row["cluster_time"] > 0
+
+
+@pytest.mark.parametrize("method", ["deepcluster", "odc", "uic"])
+def test_cluster_count_is_chosen_from_n_when_unset_and_recorded(tmp_path, method, caplog):
+    cfg, hp = run_cfg(tmp_path, method, epochs=1, stop_after=1)
+    assert hp.k is None  # the YAML leaves it to the data
+    with caplog.at_level("INFO"):
+        train(cfg, hp)
+    assert hp.k == 2  # 96 samples: 96 // 50 = 1, raised to the minimum of 2
+    assert f"{method}: k = 2 clusters for 96 samples" in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["k"] == 2
+
+
+def test_deepcluster_head_keeps_the_full_lr_while_the_backbone_decays(tmp_path):
+    cfg, hp = run_cfg(tmp_path, "deepcluster", k=8, lr_decay_at=[0.5])
+    train(cfg, hp)
+    groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [(g["scheduled"], g["lr"]) for g in groups] == [(True, pytest.approx(0.003)), (False, 0.03)]
+    head = DeepCluster(Backbone("convnet", 32, 128, False, 8), 96, DeepCluster.Config(k=8))
+    fixed = head.param_groups()[1]["params"]
+    assert [p.shape for p in fixed] == [p.shape for p in head.classifier.parameters()]
+    assert sum(p.numel() for g in head.param_groups() for p in g["params"]) == sum(
+        p.numel() for p in head.parameters())
 
 
 def test_deepcluster_k_above_sample_count_is_a_clear_error(tmp_path):
@@ -299,5 +309,5 @@ def test_and_round_zero_is_npid_and_anchors_grow_per_round(tmp_path):
 
 
 def test_and_resume_mid_round_two_equals_uninterrupted(tmp_path):
-    assert_resume_equals_uninterrupted(tmp_path, "and", stop_after=3, epochs=2, rounds=2, lr_decay_at=[0.5],
-                                       eval_every=1)
+    keys = {"epochs": 2, "rounds": 2, "lr_decay_at": [0.5], "eval_every": 1}
+    assert_resume_equals_uninterrupted(tmp_path, "and", stop_after=3, **keys)  # round 1, epoch 1

@@ -60,8 +60,13 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, report: dict)
     report["killed"] = True
 
 
-def rows(out: Path) -> list[dict]:
+def all_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def rows(out: Path) -> list[dict]:
+    """The epochs' rows, without the untrained network's baseline row."""
+    return [r for r in all_rows(out) if not r.get("untrained")]
 
 
 def test_resume_after_kill_mid_epoch_equals_uninterrupted(tmp_path, keep_determinism_setting):
@@ -93,6 +98,10 @@ def test_resume_after_kill_mid_epoch_equals_uninterrupted(tmp_path, keep_determi
     run_in_process(killed, resume=True)
 
     expected, got = rows(full), rows(killed)
+    # the untrained network's kNN is measured once, before epoch 0, and survives the resume
+    baseline = [r for r in all_rows(full) if r.get("untrained")]
+    assert len(baseline) == 1 and baseline[0]["global_epoch"] == -1 and 0 < baseline[0]["knn_top1"] < 100
+    assert [r for r in all_rows(killed) if r.get("untrained")] == baseline
     assert [r["global_epoch"] for r in expected] == [0, 1, 2]
     assert [r["global_epoch"] for r in got] == [0, 1, 2]
     assert [r["lr"] for r in expected] == pytest.approx([0.03, 0.03, 0.003])

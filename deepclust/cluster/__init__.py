@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from .geometry import ClusterGeometry, cluster_geometry
 from .graph import knn_graph
 from .kmeans import (
     ClusteringError,
     KMeansResult,
     centroid_sums,
     check_cluster_count,
+    cluster_count,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
@@ -28,7 +30,7 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 
 __all__ = [
-    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "kmeans",
-    "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats",
-    "split_empty_clusters", "strongly_connected_subgraphs",
+    "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
+    "cluster_count", "cluster_geometry", "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats",
+    "singletons_apart", "size_stats", "split_empty_clusters", "strongly_connected_subgraphs",
 ]

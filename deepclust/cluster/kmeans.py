@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ClusteringError(ValueError):
@@ -23,6 +26,24 @@ def row_argmax(scores: torch.Tensor) -> torch.Tensor:
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(scores.numpy().argmax(1))
     return scores.argmax(1)
+
+
+SAMPLES_PER_CLUSTER = 50  # the papers' density: k = 1000 for CIFAR-10's 50,000 images
+MAX_AUTO_CLUSTERS = 10_000  # DeepCluster's and ODC's ImageNet k
+
+
+def cluster_count(k: int | None, n: int, who: str = "k-means") -> int:
+    """``k`` when given (checked against ``n``); when None, about 50 samples a cluster, from 2 to 10,000.
+
+    The papers' k (1000 for 50,000 images) leaves a user's 8,000 images with 8 samples a cluster, and
+    DeepCluster's loss then stays at log k; a k chosen from N keeps the papers' cluster size.
+    """
+    if k is None:
+        k = max(2, min(MAX_AUTO_CLUSTERS, n // SAMPLES_PER_CLUSTER, n))
+        log.info("%s: k = %d clusters for %d samples (about %d a cluster; set k=... to choose)", who, k, n,
+                 n // k)
+    check_cluster_count(k, n, who)
+    return k
 
 
 def check_cluster_count(k: int, n: int, who: str = "k-means") -> None:

@@ -7,13 +7,14 @@ from .invariant_spreading import InvariantSpreading
 from .npid import NPID
 from .odc import ODC
 from .pad import PAD
+from .pcp import PCP
 from .random_init import RandomInit
 from .supervised import Supervised
 from .uic import UIC
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Supervised, RandomInit, NPID, InvariantSpreading, AND, PAD, DeepCluster, ODC, UIC)
+    for cls in (Supervised, RandomInit, NPID, InvariantSpreading, AND, PCP, PAD, DeepCluster, ODC, UIC)
 }
 
 __all__ = ["METHODS", "Batch", "EpochContext", "Method"]

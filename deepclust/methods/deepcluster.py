@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import balanced_indices, check_cluster_count, kmeans, pca_whiten, size_stats
+from ..cluster import balanced_indices, cluster_count, kmeans, pca_whiten, size_stats
 from ..eval.clustering import nmi
 from .base import Batch, EpochContext, Method
 
@@ -27,16 +27,17 @@ class DeepCluster(Method):
 
     name = "deepcluster"
     eval_feature = "pooled"
+    unscheduled_modules = ("classifier",)  # the paper gives each new classifier a fresh optimiser at full lr
 
     @dataclass
     class Config:
-        k: int = 1000  # clusters (the PCP paper's CIFAR-10 rerun; 10,000 on ImageNet)
+        k: int | None = None  # clusters; None: N / 50 (1000 on CIFAR-10 as the PCP paper's rerun)
         pca_dim: int = 256
         kmeans_iters: int = 20
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
-        check_cluster_count(self.config.k, num_samples, "deepcluster")
+        self.config.k = cluster_count(self.config.k, num_samples, "deepcluster")  # in place: the run records it
         self.classifier = nn.Linear(backbone.feat_dim, self.config.k)
         self.register_buffer("assignments", torch.full((num_samples,), -1, dtype=torch.long))
         self.stats: dict[str, float] = {}
@@ -62,3 +63,6 @@ class DeepCluster(Method):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        return self.assignments if bool((self.assignments >= 0).all()) else None

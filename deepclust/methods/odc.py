@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, centroid_sums, check_cluster_count, kmeans, nearest_centroid, size_stats
+from ..cluster import ClusteringError, centroid_sums, cluster_count, kmeans, nearest_centroid, size_stats
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from .base import Batch, EpochContext, Method
@@ -51,7 +51,7 @@ class ODC(Method):
 
     @dataclass
     class Config:
-        k: int = 1000  # clusters (10,000 on ImageNet in the paper)
+        k: int | None = None  # clusters; None: N / 50 (10,000 on ImageNet in the paper)
         memory_momentum: float = 0.5  # m in F <- m f/|f| + (1 - m) F
         centroid_interval: int = 10  # steps between centroid recomputations
         min_cluster: int = 20  # clusters of this size or smaller are dissolved and re-split
@@ -63,7 +63,7 @@ class ODC(Method):
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         c = self.config
-        check_cluster_count(c.k, num_samples, "odc")
+        c.k = cluster_count(c.k, num_samples, "odc")  # in place: the run records it
         self.min_cluster = c.min_cluster
         # Splitting the largest cluster must leave halves above the threshold: largest >= N/k > 2 t + 1.
         if 2 * c.min_cluster + 2 > num_samples / c.k:
@@ -180,3 +180,6 @@ class ODC(Method):
         if ctx.true_labels is not None:
             stats["nmi_labels"] = nmi(ctx.true_labels, self.labels)
         return stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        return self.labels if self.initialised else None

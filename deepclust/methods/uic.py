@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, balanced_indices, check_cluster_count, size_stats
+from ..cluster import ClusteringError, balanced_indices, cluster_count, size_stats
 from ..eval.clustering import nmi
 from .base import Batch, EpochContext, Method
 
@@ -41,13 +41,12 @@ class UIC(Method):
 
     @dataclass
     class Config:
-        k: int = 1000  # classes
+        k: int | None = None  # classes; None: N / 50
         fft_epochs: int = 0  # final epochs with fixed labels
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
-        k = self.config.k
-        check_cluster_count(k, num_samples, "uic")
+        k = self.config.k = cluster_count(self.config.k, num_samples, "uic")  # in place: the run records it
         self.classifier = nn.Linear(backbone.feat_dim, k)
         gen = torch.Generator().manual_seed(0)
         start = torch.randint(k, (num_samples,), generator=gen)  # the first epoch's uniformly random labels
@@ -94,3 +93,6 @@ class UIC(Method):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor:
+        return self.next_targets  # the classifier's latest argmax for each image
