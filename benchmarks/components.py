@@ -30,10 +30,12 @@ from .hostload import CpuWatch, busy_note
 
 SIZES = {
     "full": {"matmul": 4096, "kmeans_n": 50_000, "kmeans_k": 1000, "kmeans_iters": 20, "d": 128,
-             "graph_n": 50_000, "graph_k": 5, "knn_train": 50_000, "knn_test": 10_000, "knn_k": 200,
+             "graph_n": 50_000, "graph_k": 5, "graph_approx_n": 210_000,
+             "scs_n": [50_000, 1_000_000], "knn_train": 50_000, "knn_test": 10_000, "knn_k": 200,
              "batch": 128, "resnet_batch": 128, "aug_repeats": 10, "tv_repeats": 3},
     "quick": {"matmul": 2048, "kmeans_n": 5_000, "kmeans_k": 100, "kmeans_iters": 20, "d": 128,
-              "graph_n": 5_000, "graph_k": 5, "knn_train": 5_000, "knn_test": 1_000, "knn_k": 200,
+              "graph_n": 5_000, "graph_k": 5, "graph_approx_n": 20_000,
+              "scs_n": [5_000, 50_000], "knn_train": 5_000, "knn_test": 1_000, "knn_k": 200,
               "batch": 128, "resnet_batch": 32, "aug_repeats": 5, "tv_repeats": 2},
 }
 
@@ -42,13 +44,17 @@ SIZES = {
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, Any], Any]:
-    """Median and min wall time of ``repeats`` calls; returns (stats, the last call's result)."""
-    times, out = [], None
+    """Median and min wall time of ``repeats`` calls, and the median CPU time of this process (all its
+    threads: with one thread, what other processes on a shared machine do not inflate); returns (stats,
+    the last call's result)."""
+    times, cpu, out = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times)}, out
+        cpu.append(time.process_time() - c0)
+    return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+            "cpu_median_s": statistics.median(cpu)}, out
 
 
 def matmul_rate(n: int, repeats: int = 5) -> dict[str, Any]:
@@ -145,12 +151,12 @@ def bench_kmeans(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
 def faiss_knn_graph(xnp: np.ndarray, k: int) -> np.ndarray:
     import faiss
 
+    from deepclust.cluster.graph import without_self
+
     index = faiss.IndexFlatIP(xnp.shape[1])
     index.add(xnp)
-    _, idx = index.search(xnp, k + 1)
-    is_self = idx == np.arange(len(xnp))[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")  # self (if found) moves last, the rest keep their rank
-    return np.take_along_axis(idx, order, axis=1)[:, :k]
+    sims, idx = index.search(xnp, k + 1)
+    return without_self(sims, idx, k)[1]
 
 
 def neighbour_overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,27 +165,100 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray) -> float:
     return hits / a.size
 
 
+def sampled_recall(x: torch.Tensor, idx: torch.Tensor, k: int, queries: int = 2000, seed: int = 0) -> float:
+    """Recall of an approximate graph ``idx`` against brute force, on a random sample of rows."""
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:queries]
+    s = x[rows] @ x.t()
+    s[torch.arange(rows.numel()), rows] = float("-inf")
+    truth = s.topk(k, dim=1).indices
+    return neighbour_overlap(truth.numpy(), idx[rows].numpy())
+
+
 def bench_knn_graph(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
     import faiss
+
+    from deepclust.cluster.graph import exact_knn_graph, ivf_knn_graph
 
     n, d, k = sz["graph_n"], sz["d"], sz["graph_k"]
     x, _ = gaussian_mixture(n, d, 1000, seed=2)
     x = F.normalize(x, dim=1)
     xnp = x.numpy()
-    flops = 2 * n * n * d
+    flops = 2 * n * n * d  # a plain search: ours computes half of it (the matrix is symmetric)
     size = f"N={n:,} d={d} k={k} cosine"
-    from deepclust.cluster import knn_graph
-
-    ours_fn, ours_name = (lambda v: knn_graph(v, k)[1]), "deepclust.cluster.knn_graph (matmul + topk)"
-    ours_fn(x[:4096])
+    threads = f"{torch.get_num_threads()} threads"
+    exact_knn_graph(x[:4096], k)  # warm-ups (and numba's compilation, cached on disk after the first run)
+    exact_knn_graph(x[:4096], k, compiled=False)
     faiss_knn_graph(xnp[:4096], k)
     out = []
-    stats, ours = timed(lambda: ours_fn(x), repeats)
-    out.append(entry("kNN graph", ours_name, size, stats, flops, rate))
+    stats, ours = timed(lambda: exact_knn_graph(x, k)[1], repeats)
+    out.append(entry("kNN graph", f"deepclust knn_graph exact (symmetric blocks + compiled scan, {threads})", size,
+                     stats, flops, rate))
+    stats, other = timed(lambda: exact_knn_graph(x, k, compiled=False)[1], repeats)
+    out.append(entry("kNN graph", f"deepclust exact, torch top-k selection (the GPU code path, {threads})", size,
+                     stats, flops, rate,
+                     quality=f"overlap with ours {neighbour_overlap(ours.numpy(), other.numpy()):.4f}"))
     stats, theirs = timed(lambda: faiss_knn_graph(xnp, k), repeats)
     out.append(entry("kNN graph", f"faiss IndexFlatIP search ({faiss.omp_get_max_threads()} threads)", size, stats,
                      flops, rate, quality=f"overlap with ours {neighbour_overlap(ours.numpy(), theirs):.4f}"))
+    stats, approx = timed(lambda: ivf_knn_graph(x, k)[1], repeats)
+    out.append(entry("kNN graph", "deepclust ivf_knn_graph (faiss IVF, 4 sqrt(N) lists, nprobe 16)", size, stats,
+                     flops, rate, quality=f"recall {neighbour_overlap(ours.numpy(), approx.numpy()):.4f}"))
     relative_to_ours(out)
+    big = sz["graph_approx_n"]  # above APPROXIMATE_ABOVE: what knn_graph picks on CPU there
+    xb = F.normalize(gaussian_mixture(big, d, 1000, seed=5)[0], dim=1)
+    stats, approx = timed(lambda: ivf_knn_graph(xb, k)[1], 1)
+    out.append(entry("kNN graph", "deepclust ivf_knn_graph (faiss IVF, 4 sqrt(N) lists, nprobe 16)",
+                     f"N={big:,} d={d} k={k} cosine", stats, 2 * big * big * d, rate,
+                     quality=f"recall {sampled_recall(xb, approx, k):.4f} (2,000 sampled rows vs brute force)"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- SCS search
+
+
+def local_knn_graph(n: int, k: int, piece: int = 1000, seed: int = 6) -> torch.Tensor:
+    """A kNN graph with the locality of real features, cheap at any N: n / piece Gaussian mixtures of
+    ``piece`` points (10 components, noise 2x their spread) side by side, each one's exact kNN graph."""
+    from deepclust.cluster.graph import exact_knn_graph
+
+    out = []
+    for start in range(0, n, piece):
+        m = min(piece, n - start)
+        x, _ = gaussian_mixture(m, 32, 10, seed=seed + start, spread=2.0)
+        out.append(exact_knn_graph(F.normalize(x, dim=1), k)[1] + start)
+    return torch.cat(out)
+
+
+def bench_scs(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from deepclust.cluster.scs import scs_stats, strongly_connected_subgraphs
+
+    k = sz["graph_k"]
+    strongly_connected_subgraphs(torch.tensor([[1], [0]]), 10)  # warm-up (numba loads its cached code)
+    out = []
+    for n in sz["scs_n"]:
+        gen = torch.Generator().manual_seed(7)
+        graphs = (("kNN graphs of 1,000-point Gaussian mixtures", local_knn_graph(n, k)),
+                  ("uniform random k-out graph (no locality: worst case)", torch.randint(0, n, (n, k), generator=gen)))
+        for what, nb in graphs:
+            order = torch.randperm(n, generator=gen)
+            stats, group = timed(lambda nb=nb, order=order: strongly_connected_subgraphs(nb, 10, order=order), repeats)
+            s = scs_stats(group)
+            out.append(entry("SCS search (PAD)", "deepclust strongly_connected_subgraphs (s=10, numba)",
+                             f"N={n:,} k={k}, {what}", stats, None, rate,
+                             quality=f"{s['scs_count']:,} SCS, mean size {s['scs_mean_size']:.2f}, "
+                                     f"{100 * s['scs_share']:.1f}% of samples in one"))
+            rows = np.repeat(np.arange(n), k)
+
+            def tarjan(nb=nb, rows=rows, n=n):
+                graph = csr_matrix((np.ones(n * k, np.int8), (rows, nb.numpy().ravel())), shape=(n, n))
+                return connected_components(graph, directed=True, connection="strong")
+
+            stats, (count, _) = timed(tarjan, repeats)
+            out.append(entry("SCS search (PAD)", "scipy connected_components(strong), no cap (reference point)",
+                             f"N={n:,} k={k}, {what}", stats, None, rate, quality=f"{count:,} components"))
     return out
 
 
@@ -320,9 +399,7 @@ def bench_pipeline(sz: dict, repeats: int, rate: float) -> tuple[list[dict[str, 
 # ---------------------------------------------------------------------------------------------- report
 
 
-TODO = [{"component": "SCS search (PAD)", "status": "TODO: not implemented yet",
-         "note": "strongly-connected-subgraph search on the k=5 kNN graph (METHODS.md, PAD): benchmark it against "
-                 "a plain scipy.sparse.csgraph.connected_components(connection='strong') once it exists"}]
+TODO: list[dict[str, str]] = []
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -344,17 +421,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"- float32 matmul {mm['n']}^3: {mm['gflops_median']:.1f} GFLOP/s median ({mm['gflops_best']:.1f} best); "
         "floor = flops / median rate",
         "",
-        "| component | implementation | size | median s | min s | GFLOP/s | floor s | x floor | time vs ours "
-        "| images/s | check |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| component | implementation | size | median s | min s | CPU s | GFLOP/s | floor s | x floor "
+        "| time vs ours | images/s | check |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for e in report["results"]:
         lines.append(
             f"| {e['component']} | {e['impl']} | {e['size']} | {fmt(e['median_s'])} | {fmt(e['min_s'])} "
+            f"| {fmt(e.get('cpu_median_s'))} "
             f"| {fmt(e.get('gflops_achieved'), 1)} | {fmt(e.get('floor_s'))} | {fmt(e.get('x_floor'), 2)} "
             f"| {fmt(e.get('time_vs_ours'), 2)} | {fmt(e.get('images_per_s'), 0)} | {e.get('quality', '')} |")
     for t in report["todo"]:
-        lines.append(f"| {t['component']} | {t['status']} | - | - | - | - | - | - | - | - | {t['note']} |")
+        lines.append(f"| {t['component']} | {t['status']} | - | - | - | - | - | - | - | - | - | {t['note']} |")
     busy = busy_note(max((v for v in report["other_cores"].values() if v is not None), default=None))
     if busy:
         lines[2:2] = [f"- **{busy}**"]
@@ -363,7 +441,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {n}" for n in report["notes"]]
     if report["errors"]:
         lines += [""] + [f"FAILED: {name} ({err})" for name, err in report["errors"].items()]
-    lines += ["", "time vs ours: the alternative's median time / ours (> 1: ours is faster). x floor: median time / "
+    lines += ["", "time vs ours: the alternative's median time / ours (> 1: ours is faster). CPU s: median CPU time "
+              "of the process, all threads (on a shared machine, with one thread, not inflated by other processes). "
+              "x floor: median time / "
               "floor, where the floor is the flop count at torch's measured matmul rate (< 1: faster than torch's "
               "matmul, e.g. another BLAS). Training-step flops come from torch.utils.flop_counter (forward + "
               "backward).", ""]
@@ -384,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (N=5,000, k=100, ...): well under a minute")
     p.add_argument("--repeats", type=int, help="timed runs per measurement (default 3; 2 with --quick)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--only", help="comma-separated parts to run, e.g. 'kNN graph,SCS search' (default: all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -403,8 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     report["other_cores"]["matmul"] = watch.other_cores()
     rate = report["matmul"]["gflops_median"]
     print(f"    {rate:.1f} GFLOP/s", flush=True)
-    benches = (("k-means", bench_kmeans), ("kNN graph", bench_knn_graph), ("weighted kNN eval", bench_knn_eval),
-               ("data pipeline", bench_pipeline))
+    benches = (("k-means", bench_kmeans), ("kNN graph", bench_knn_graph), ("SCS search", bench_scs),
+               ("weighted kNN eval", bench_knn_eval), ("data pipeline", bench_pipeline))
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        unknown = wanted - {name for name, _ in benches}
+        if unknown:
+            p.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(name for name, _ in benches)}")
+        benches = tuple(b for b in benches if b[0] in wanted)
     for name, bench in benches:
         print(f"{name} ...", flush=True)
         t, watch = time.perf_counter(), CpuWatch()

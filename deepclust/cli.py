@@ -60,7 +60,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "feature": "pooled" if args.protocol == "linear" else feature}
     if args.protocol == "knn":
         result["k"] = args.k
-    result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau))
+    if args.protocol == "cluster":
+        result["cluster_on"] = args.cluster_on
+    result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau,
+                                    args.cluster_on))
     if args.json:
         print(json.dumps(result))
     else:
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--feature", choices=("embedding", "pooled"))
     e.add_argument("--k", type=int, default=200)
     e.add_argument("--tau", type=float, default=0.1)
+    e.add_argument("--cluster-on", choices=("test", "train+test"), default="test",
+                   help="images the cluster protocol clusters (train+test: the clustering papers' protocol)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
     e.add_argument("--json", action="store_true")

@@ -39,6 +39,18 @@ def label_positives(index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return groups[index].unsqueeze(1) == groups.unsqueeze(0)
 
 
+def kl_loss(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) = sum_j p_j log(p_j / q_j), p = softmax(logits), q = softmax(target_logits)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    logq = F.log_softmax(target_logits.float(), dim=1)
+    return (logp.exp() * (logp - logq)).sum(1).mean()
+
+
+def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cos(a_i, b_i)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=1)).mean()
+
+
 def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """IS loss on two views (B, d) each, L2-normalised (METHODS.md).
 

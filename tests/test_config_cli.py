@@ -307,6 +307,21 @@ def test_eval_linear_and_cluster_print_numbers(trained_checkpoint, capsys):
     assert 0 < values["nmi"] <= 1 and -1 <= values["ari"] <= 1 and 10 <= values["acc"] <= 100
 
 
+def test_eval_cluster_on_train_and_test_clusters_both_sets_together(trained_checkpoint, capsys):
+    from deepclust.eval import cluster_metrics, extract_features
+
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", "digits",
+                         "--protocol", "cluster", "--cluster-on", "train+test", "--json")
+    assert rc == 0
+    got = json.loads(out)
+    assert got["cluster_on"] == "train+test"
+    model = backbone_from_checkpoint(load_checkpoint(trained_checkpoint))
+    train, test = load_data("digits", "train"), load_data("digits", "test")
+    feats = torch.cat([extract_features(model, d.images, "embedding") for d in (train, test)])
+    want = cluster_metrics(feats, torch.cat((train.labels, test.labels)))  # 1,438 + 359 images
+    assert {k: got[k] for k in want} == pytest.approx(want)
+
+
 def test_eval_needs_labels(trained_checkpoint, tmp_path, capsys):
     np.savez(tmp_path / "u.npz", images=np.zeros((4, 32, 32), np.uint8))
     rc, _, err = run_cli(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", tmp_path / "u.npz",

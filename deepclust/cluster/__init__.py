@@ -1,4 +1,5 @@
-"""Clustering building blocks shared by the methods: k-means, PCA-whitening, samplers, statistics."""
+"""Clustering building blocks shared by the methods: k-means, PCA-whitening, kNN graphs, strongly connected
+subgraphs, samplers, statistics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .kmeans import (
 )
 from .pca import pca_whiten
 from .sampling import balanced_indices
+from .scs import scs_stats, singletons_apart, strongly_connected_subgraphs
 
 
 def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> dict[str, float]:
@@ -29,6 +31,6 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 __all__ = [
     "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
-    "cluster_count", "cluster_geometry",
-    "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "size_stats", "split_empty_clusters",
+    "cluster_count", "cluster_geometry", "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats",
+    "singletons_apart", "size_stats", "split_empty_clusters", "strongly_connected_subgraphs",
 ]

@@ -14,16 +14,21 @@ from .knn import knn_accuracy
 from .linear import linear_probe
 
 PROTOCOLS = ("knn", "linear", "cluster")
+CLUSTER_ON = ("test", "train+test")
 
 
 def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, feature: str,
                       protocols: tuple[str, ...] = PROTOCOLS, device: torch.device | str = "cpu",
-                      knn_k: int = 200, knn_tau: float = 0.1) -> dict[str, Any]:
+                      knn_k: int = 200, knn_tau: float = 0.1, cluster_on: str = "test") -> dict[str, Any]:
     """kNN top-1 (``feature``, k, tau), linear top-1 (pooled, frozen) and clustering NMI/ARI/accuracy
-    (k-means with the true class count on the test ``feature``), whichever ``protocols`` asks for."""
+    (k-means with the true class count on the ``feature`` of the test images, or with ``cluster_on =
+    "train+test"`` of training and test images together, the clustering papers' protocol as in PAD's
+    Table 2), whichever ``protocols`` asks for."""
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    if cluster_on not in CLUSTER_ON:
+        raise ValueError(f"unknown cluster_on {cluster_on!r}; choose from {', '.join(CLUSTER_ON)}")
     if train.labels is None or test.labels is None:
         raise DataError("evaluation needs labelled train and test data (class subfolders or 'labels')")
     size = train.image_size
@@ -38,6 +43,8 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
         out["knn_top1"] = knn_accuracy(test_feats, yte, feats(train, feature), ytr, knn_k, knn_tau)
     if "linear" in protocols:
         out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte)
-    if "cluster" in protocols:
+    if "cluster" in protocols and cluster_on == "train+test":
+        out.update(cluster_metrics(torch.cat((feats(train, feature), test_feats)), torch.cat((ytr, yte))))
+    elif "cluster" in protocols:
         out.update(cluster_metrics(test_feats, yte))
     return out

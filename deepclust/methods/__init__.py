@@ -6,6 +6,7 @@ from .deepcluster import DeepCluster
 from .invariant_spreading import InvariantSpreading
 from .npid import NPID
 from .odc import ODC
+from .pad import PAD
 from .pcp import PCP
 from .random_init import RandomInit
 from .supervised import Supervised
@@ -13,7 +14,7 @@ from .uic import UIC
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Supervised, RandomInit, NPID, InvariantSpreading, AND, PCP, DeepCluster, ODC, UIC)
+    for cls in (Supervised, RandomInit, NPID, InvariantSpreading, AND, PCP, PAD, DeepCluster, ODC, UIC)
 }
 
 __all__ = ["METHODS", "Batch", "EpochContext", "Method"]
