@@ -57,6 +57,7 @@ class TrainConfig:
     progress: bool = True
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
+    nan_policy: str = "stop"  # a NaN/inf loss: stop (naming where; the last checkpoint is kept) | skip the step
     # evaluation
     eval_every: int = 1  # epochs between kNN evaluations (0: only at the end)
     knn_k: int = 200
@@ -153,7 +154,7 @@ def resolve(layers: list[dict[str, Any]]) -> tuple[TrainConfig, Any]:
 def check_choices(merged: dict[str, Any]) -> None:
     from .backbones import BACKBONES
 
-    choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"),
+    choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
                "eval_feature": (None, "embedding", "pooled")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:

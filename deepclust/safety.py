@@ -1,0 +1,161 @@
+"""What a long run needs to survive schedulers and machines: one run per folder, a graceful stop on
+SIGTERM / SIGINT, and a stop (or skip) on a non-finite loss. Small helpers the trainer calls; nothing
+here knows about methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "train.lock"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on; the message names the problem and the fix."""
+
+
+class LockError(RunError):
+    """Another live run holds the output folder."""
+
+
+class NumericalError(RunError):
+    """The loss became NaN or infinite."""
+
+
+class RunInterrupted(RunError):
+    """SIGTERM or SIGINT arrived; the run stopped after its current step. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):  # vanished, or torn by a crash while it was written
+        return None
+
+
+@contextmanager
+def hold_folder(out: Path) -> Iterator[Path]:
+    """Hold ``out`` for this process: a lock file with our pid and host, created exclusively.
+
+    A lock of a live process is refused with its holder named; one whose pid is dead on this host (or
+    that is unreadable) is stale and taken over. A lock from another host cannot be checked: refused,
+    with how to remove it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path, host = out / LOCK_NAME, socket.gethostname()
+    me = json.dumps({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is not None and holder.get("host") != host:
+                raise LockError(f"{out} is held by a run on host {holder.get('host')} (pid {holder.get('pid')}, "
+                                f"since {holder.get('since')}); use another --out, or delete {path} if that run "
+                                "is dead") from None
+            if holder is not None and holder.get("pid") != os.getpid() and pid_alive(int(holder.get("pid", -1))):
+                raise LockError(f"{out} is held by a live run (pid {holder['pid']} on {host}, since "
+                                f"{holder.get('since')}); wait for it, stop it, or use another --out") from None
+            log.warning("taking over the stale lock %s of a dead run (%s)", path, holder)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise LockError(f"could not take the lock {path}: other processes keep taking it")
+    try:
+        yield path
+    finally:
+        if (read_lock(path) or {}).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGINT while ``stop_on_signals`` is active; the trainer checks it between steps."""
+
+    signum: int | None = None
+
+
+STOP = StopRequest()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Turn SIGTERM and SIGINT into a request to stop after the current step (a second one stops at once).
+
+    Only the main thread may install handlers; elsewhere this does nothing.
+    """
+    STOP.signum = None
+    if threading.current_thread() is not threading.main_thread():
+        yield STOP
+        return
+
+    def request(signum, frame):
+        if STOP.signum is not None:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        STOP.signum = signum
+        log.warning("%s received: stopping after the current step (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield STOP
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        STOP.signum = None
+
+
+def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int) -> None:
+    """After a step: if a stop was requested, raise RunInterrupted saying how to resume."""
+    if STOP.signum is None:
+        return
+    name = signal.Signals(STOP.signum).name
+    raise RunInterrupted(f"stopped by {name} at {where}. {checkpoint} resumes at epoch {resume_epoch} (the "
+                         f"interrupted epoch is redone, so the result equals an uninterrupted run): run the "
+                         f"same command with --resume", STOP.signum)
+
+
+def finite_loss(loss: torch.Tensor, policy: str, where: str, checkpoint: Path) -> bool:
+    """True if ``loss`` is finite. Otherwise, with policy 'skip' log and return False (skip the step);
+    with 'stop' raise NumericalError naming where and the checkpoint kept."""
+    value = loss.detach()
+    if bool(torch.isfinite(value).all()):
+        return True
+    if policy == "skip":
+        log.warning("non-finite loss (%s) at %s: step skipped (nan_policy=skip)", float(value), where)
+        return False
+    kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint was written"
+    raise NumericalError(f"non-finite loss ({float(value)}) at {where}; {kept}. Lower lr, or pass nan_policy=skip "
+                         "to skip such steps (they are counted in metrics.jsonl as skipped_steps)")
