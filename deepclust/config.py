@@ -78,7 +78,11 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
         if value.strip() in ("", "null", "~", "None"):
             value = None
         elif base is not str:
-            value = yaml.safe_load(value)  # numbers, booleans and lists as YAML writes them
+            try:
+                value = yaml.safe_load(value)  # numbers, booleans and lists as YAML writes them
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key}={value!r} is not valid YAML ({str(err).splitlines()[0]}); quote it or "
+                                  "write it as YAML does, e.g. key=1e-3, key=true, key=[0.6, 0.8]") from None
     if value is None:
         if optional:
             return None

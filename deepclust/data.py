@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runtime import available_memory
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -176,11 +178,31 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
     return files, labels, classes
 
 
+def check_memory(n: int, size: int, what: str) -> None:
+    """Fail before decoding when n images of size x size (uint8 RGB) cannot fit in the memory left."""
+    need, free = n * 3 * size * size, available_memory()
+    if free is not None and need > free:
+        raise DataError(f"{what}: {n} images of {size}x{size} need about {need / 2**30:.2f} GiB decoded (N x 3 x S "
+                        f"x S bytes), but {free / 2**30:.2f} GiB of memory are available; pass subset=N or a smaller "
+                        "image_size, or pre-decode the folder with `deepclust prepare` (planned, not available yet)")
+
+
 def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped."""
+    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped.
+
+    The memory the decoded set needs is checked first; images over PIL's decompression-bomb limit are refused.
+    """
     from PIL import Image
     from tqdm import tqdm
 
+    if size is None:
+        try:
+            with Image.open(files[0]) as first:  # reads the header only
+                size = min(first.size)
+        except Exception:  # the loop below reports it (or skips it)
+            pass
+    if size is not None:
+        check_memory(len(files), size, f"{files[0].parent}")
     out, kept, skipped = [], [], []
     for i, path in enumerate(tqdm(files, desc="decoding images", leave=False, mininterval=2)):
         try:
@@ -190,6 +212,12 @@ def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple
                     top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(wide.max()))
                     img = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 rgb = img.convert("RGB")
+        except Image.DecompressionBombError as err:
+            if bad_images == "fail":
+                raise DataError(f"refused image {path}: {err} Downscale it if it is genuine, or pass "
+                                "bad_images=skip to skip such images") from err
+            skipped.append(str(path))
+            continue
         except Exception as err:  # PIL raises many types for corrupt files
             if bad_images == "fail":
                 raise DataError(

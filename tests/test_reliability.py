@@ -20,7 +20,9 @@ from test_train_resume import CONFIG, all_rows, rows, run_in_process
 
 from deepclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepclust.cli import main
+from deepclust.data import DataError, load_data
 from deepclust.methods import METHODS
+from deepclust.runtime import available_memory
 from deepclust.safety import LOCK_NAME, LockError, hold_folder
 from deepclust.train import train
 
@@ -235,3 +237,50 @@ def test_a_checkpoint_records_versions_and_warns_on_a_mismatch(tmp_path, monkeyp
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["x"], torch.arange(3))
     assert f"{path} was written by deepclust 0.0.9, torch {torch.__version__}, this is deepclust 0.1.0" in caplog.text
+
+
+def image_folder(root: Path, count: int = 4, size: int = 16) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(count):
+        Image.new("RGB", (size, size), (40 * i, 0, 0)).save(root / f"{i}.png")
+    return root
+
+
+def test_a_dataset_over_the_available_memory_fails_before_decoding_with_the_estimate(tmp_path, monkeypatch):
+    folder = image_folder(tmp_path / "images")  # 4 images of 16x16: 4 x 3 x 16 x 16 = 3072 bytes decoded
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3071)
+    with pytest.raises(DataError, match=re.escape(
+            f"{folder}: 4 images of 16x16 need about 0.00 GiB decoded (N x 3 x S x S bytes), but 0.00 GiB of "
+            "memory are available; pass subset=N or a smaller image_size, or pre-decode the folder with "
+            "`deepclust prepare` (planned, not available yet)")):
+        load_data(str(folder))
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3072)
+    assert load_data(str(folder)).images.shape == (4, 3, 16, 16)
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 767)  # the size asked for counts: 4 x 3 x 8 x 8
+    with pytest.raises(DataError, match="4 images of 8x8"):
+        load_data(str(folder), image_size=8)
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 768)
+    assert load_data(str(folder), image_size=8).images.shape == (4, 3, 8, 8)
+
+
+def test_available_memory_reads_the_machine():
+    free = available_memory()
+    assert free is not None and 0 < free < 2**50
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    folder = image_folder(tmp_path / "images", count=2)
+    bomb = folder / "2.png"
+    # 13400 x 13400 = 179.6 M pixels, over PIL's refusal limit (2 x MAX_IMAGE_PIXELS = 179.0 M); a 1-bit
+    # image of one colour compresses to a few kB
+    Image.new("1", (13400, 13400)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(DataError, match=rf"refused image {re.escape(str(bomb))}: Image size \(179560000 pixels\) "
+                                        r"exceeds limit of 178956970 pixels.* pass bad_images=skip"):
+        load_data(str(folder), image_size=16)
+    data = load_data(str(folder), image_size=16, bad_images="skip")
+    assert len(data) == 2 and data.skipped == [str(bomb)]
