@@ -5,6 +5,7 @@ here knows about methods.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -97,6 +98,25 @@ def hold_folder(out: Path) -> Iterator[Path]:
     finally:
         if (read_lock(path) or {}).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
+
+
+@contextmanager
+def disk_full_is_a_run_error(out: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing metrics or config is a RunError saying what survives."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise RunError(f"the disk is full under {out} ({err}); the last checkpoint there is intact. Free space and "
+                       "run again with --resume") from err
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT (sent to the whole job or process group) to the main process,
+    which stops after its step and shuts them down; a worker that died of it would fail the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopRequest:

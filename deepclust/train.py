@@ -36,7 +36,15 @@ from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
 from .runtime import choose_threads
-from .safety import RunInterrupted, finite_loss, hold_folder, raise_if_stopping, stop_on_signals
+from .safety import (
+    RunInterrupted,
+    disk_full_is_a_run_error,
+    finite_loss,
+    hold_folder,
+    ignore_stop_signals,
+    raise_if_stopping,
+    stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +199,8 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
-                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
+                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
     augment = Augment(run.data.image_size)
     use_amp = cfg.amp and device.type == "cuda"
     channels_last = cfg.channels_last
@@ -259,7 +268,7 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
     The folder is locked against a second run. SIGTERM / SIGINT stop the run after its current step with
     RunInterrupted; the last epoch's checkpoint (on an interrupted first epoch: the initial state) resumes it.
     """
-    with hold_folder(Path(cfg.out)), stop_on_signals():
+    with hold_folder(Path(cfg.out)), stop_on_signals(), disk_full_is_a_run_error(Path(cfg.out)):
         return train_in_folder(cfg, hparams, resume)
 
 

@@ -23,18 +23,19 @@ from deepclust.cli import main
 from deepclust.data import DataError, load_data
 from deepclust.methods import METHODS
 from deepclust.runtime import available_memory
-from deepclust.safety import LOCK_NAME, LockError, hold_folder
+from deepclust.safety import LOCK_NAME, LockError, RunError, disk_full_is_a_run_error, hold_folder
 from deepclust.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_training(out: Path) -> subprocess.Popen:
-    """`deepclust train` of test_train_resume's CONFIG in a subprocess (about a second an epoch)."""
+def start_training(out: Path, *extra: str) -> subprocess.Popen:
+    """`deepclust train` of test_train_resume's CONFIG in a subprocess (about a second an epoch), in a new
+    session (process group) as a batch job's step is."""
     keys = [f"{k}={v}" for k, v in CONFIG.items()]
-    return subprocess.Popen([sys.executable, "-m", "deepclust.cli", "train", f"out={out}", *keys], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "deepclust.cli", "train", f"out={out}", *keys, *extra], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -68,12 +69,21 @@ def assert_same_run(want: Path, have: Path) -> None:
     assert all(torch.equal(x, y) for x, y in zip(*momentum, strict=True))
 
 
-def test_sigterm_mid_epoch_stops_after_the_step_and_resume_equals_uninterrupted(tmp_path, reference,
+@pytest.mark.parametrize("target", ["process", "group_with_loader_workers"])
+def test_sigterm_mid_epoch_stops_after_the_step_and_resume_equals_uninterrupted(tmp_path, reference, target,
                                                                                 keep_determinism_setting):
     out = tmp_path / "run"
-    proc = start_training(out)
-    wait_for(out / "checkpoint.pt", proc)  # epoch 0 is saved: epoch 1 is running
-    proc.send_signal(signal.SIGTERM)
+    if target == "process":
+        proc = start_training(out)
+        wait_for(out / "checkpoint.pt", proc)  # epoch 0 is saved: epoch 1 is running
+        proc.send_signal(signal.SIGTERM)
+    else:  # as SLURM's scancel and a terminal do: every process of the group, DataLoader workers too
+        proc = start_training(out, "num_workers=1")
+        wait_for(out / "checkpoint.pt", proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        while proc.poll() is None and not children.read_text().strip():  # until epoch 1's loader worker runs
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert re.search(r"stopped by SIGTERM at (round 0 epoch 1 step \d+ of npid|the end of epoch 0)\. "
@@ -284,3 +294,15 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path):
         load_data(str(folder), image_size=16)
     data = load_data(str(folder), image_size=16, bad_images="skip")
     assert len(data) == 2 and data.skipped == [str(bomb)]
+
+
+def test_a_full_disk_outside_the_checkpoint_is_a_run_error(tmp_path):
+    with pytest.raises(RunError, match=rf"the disk is full under {re.escape(str(tmp_path))} \(\[Errno 28\] No space "
+                                       r"left on device\); the last checkpoint there is intact\. Free space and run "
+                                       "again with --resume"):
+        with disk_full_is_a_run_error(tmp_path), open("/dev/full", "w") as f:  # every write: ENOSPC
+            f.write("{}\n")
+            f.flush()
+    with pytest.raises(FileNotFoundError):  # other OS errors pass unchanged
+        with disk_full_is_a_run_error(tmp_path):
+            open(tmp_path / "absent" / "x")
