@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -141,3 +143,19 @@ def test_random_key_value_strings_give_a_config_or_a_config_error(pairs, raw):
         return
     assert isinstance(cfg, TrainConfig) and cfg.method == "deepcluster"
     assert cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.rounds >= 1
+
+
+@FUZZ
+@given(x=features(), data=st.data())
+def test_non_finite_features_are_a_clustering_error_naming_how_many(x, data):
+    n = x.shape[0]
+    rows = data.draw(st.sets(st.integers(0, n - 1), min_size=1))
+    x[list(rows), data.draw(st.integers(0, x.shape[1] - 1))] = data.draw(st.sampled_from([math.nan, math.inf,
+                                                                                          -math.inf]))
+    for cluster in (lambda: kmeans(x, 1), lambda: pca_whiten(x, 2)):
+        try:
+            cluster()
+        except ClusteringError as err:
+            assert f"{len(rows)} of {n} feature rows are NaN or infinite" in str(err)
+        else:
+            raise AssertionError("no ClusteringError")
