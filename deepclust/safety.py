@@ -167,15 +167,36 @@ def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int) -> None:
                          f"same command with --resume", STOP.signum)
 
 
-def finite_loss(loss: torch.Tensor, policy: str, where: str, checkpoint: Path) -> bool:
-    """True if ``loss`` is finite. Otherwise, with policy 'skip' log and return False (skip the step);
-    with 'stop' raise NumericalError naming where and the checkpoint kept."""
-    value = loss.detach()
-    if bool(torch.isfinite(value).all()):
+class LossGuard:
+    """Checks every step's loss for NaN / inf.
+
+    With policy 'stop' a non-finite loss raises NumericalError naming where it happened and the checkpoint kept;
+    the check of a step's loss is made during the next step (``ok``) or at the epoch's end (``finish``), so a
+    GPU never waits for it. With 'skip' ``ok`` must know now (a host sync a step) and returns False to skip it.
+    """
+
+    def __init__(self, policy: str, checkpoint: Path):
+        self.policy, self.checkpoint = policy, checkpoint
+        self.pending: tuple[torch.Tensor, str] | None = None
+
+    def ok(self, loss: torch.Tensor, where: str) -> bool:
+        if self.policy == "skip":
+            if bool(torch.isfinite(loss.detach()).all()):
+                return True
+            log.warning("non-finite loss (%s) at %s: step skipped (nan_policy=skip)", float(loss.detach()), where)
+            return False
+        self.finish()
+        self.pending = (loss.detach(), where)
         return True
-    if policy == "skip":
-        log.warning("non-finite loss (%s) at %s: step skipped (nan_policy=skip)", float(value), where)
-        return False
-    kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint was written"
-    raise NumericalError(f"non-finite loss ({float(value)}) at {where}; {kept}. Lower lr, or pass nan_policy=skip "
-                         "to skip such steps (they are counted in metrics.jsonl as skipped_steps)")
+
+    def finish(self) -> None:
+        if self.pending is None:
+            return
+        value, where = self.pending
+        self.pending = None
+        if bool(torch.isfinite(value).all()):
+            return
+        kept = (f"the last good checkpoint {self.checkpoint} is kept" if self.checkpoint.exists()
+                else "no checkpoint was written")
+        raise NumericalError(f"non-finite loss ({float(value)}) at {where}; {kept}. Lower lr, or pass "
+                             "nan_policy=skip to skip such steps (they are counted in metrics.jsonl as skipped_steps)")

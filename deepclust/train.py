@@ -37,9 +37,9 @@ from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
 from .runtime import choose_threads
 from .safety import (
+    LossGuard,
     RunInterrupted,
     disk_full_is_a_run_error,
-    finite_loss,
     hold_folder,
     ignore_stop_signals,
     raise_if_stopping,
@@ -207,6 +207,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     method.train()
     total, steps, skipped = torch.zeros((), device=device), 0, 0
     checkpoint = run.out / "checkpoint.pt"
+    guard = LossGuard(cfg.nan_policy, checkpoint)
     bar = tqdm(loader, desc=f"round {round_} epoch {epoch}", leave=False, disable=not cfg.progress)
     for step, (pixels, index) in enumerate(bar):
         where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
@@ -218,7 +219,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, outputs = method.loss(batch)
         run.optimizer.zero_grad(set_to_none=True)
-        if finite_loss(loss, cfg.nan_policy, where, checkpoint):
+        if guard.ok(loss, where):
             loss.backward()
             run.optimizer.step()
             method.after_step(batch, outputs)
@@ -227,6 +228,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
         else:
             skipped += 1
         raise_if_stopping(where, checkpoint, global_epoch)  # the epoch's checkpoint is the one before it
+    guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
                            "loss": float(total) / max(1, steps), "lr": lr}
     if cfg.nan_policy == "skip":

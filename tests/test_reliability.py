@@ -23,7 +23,7 @@ from deepclust.cli import main
 from deepclust.data import DataError, load_data
 from deepclust.methods import METHODS
 from deepclust.runtime import available_memory
-from deepclust.safety import LOCK_NAME, LockError, RunError, disk_full_is_a_run_error, hold_folder
+from deepclust.safety import LOCK_NAME, LockError, NumericalError, RunError, disk_full_is_a_run_error, hold_folder
 from deepclust.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,17 @@ def test_a_nan_loss_stops_the_run_naming_where_and_keeps_the_last_checkpoint(tmp
     assert a["next_epoch"] == b["next_epoch"] == 1
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
     assert [r["global_epoch"] for r in read_rows(tmp_path / "nan")] == [0]
+
+
+def test_a_nan_loss_at_the_last_step_of_the_first_epoch_is_caught_before_any_checkpoint(tmp_path, monkeypatch,
+                                                                                         keep_determinism_setting):
+    monkeypatch.setitem(METHODS, "nan_npid", nan_npid(3))  # epoch 0's last step: found by the end-of-epoch check
+    cfg, hp = run_cfg(tmp_path, "nan_npid")
+    with pytest.raises(NumericalError, match=r"^non-finite loss \(nan\) at round 0 epoch 0 step 2 of nan_npid; no "
+                                             "checkpoint was written"):
+        train(cfg, hp)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and read_rows(tmp_path / "run") == []
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
 def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, monkeypatch, keep_determinism_setting):
