@@ -17,3 +17,11 @@ def fit(method: str = "npid", resume: bool = False, **keys: Any) -> dict[str, An
 
     cfg, hparams = resolve([{"method": method, **keys}])
     return train(cfg, hparams, resume=resume)
+
+
+def load_backbone(path: str):
+    """The trained backbone of an exported ``.safetensors`` file (``deepclust export``) or a checkpoint, as a
+    ready ``nn.Module`` in eval mode: normalised images (B, 3, S, S) -> pooled features (B, D)."""
+    from .export import load_backbone as load
+
+    return load(path)

@@ -1,4 +1,4 @@
-"""The ``deepclust`` command: train, eval, embed, methods."""
+"""The ``deepclust`` command: train, eval, embed, cluster, export, report, compare, methods."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ import torch
 
 from .checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
 from .cluster import ClusteringError
+from .commands import cluster as cluster_command
+from .commands import compare as compare_command
+from .commands import export as export_command
+from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
 from .eval import evaluate_backbone, extract_features
@@ -40,6 +44,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if knn is not None and untrained is not None:
         result += f" (the untrained network: {untrained:.2f}%)"
     print(f"done: {cfg.method} on {cfg.data}, {cfg.out}/checkpoint.pt{result}")
+    if args.report:
+        print(f"wrote {report_command.write_report(Path(cfg.out))}")
     return 0
 
 
@@ -73,6 +79,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     arrays = {"features": feats.numpy().astype(np.float32), "indices": np.arange(len(data), dtype=np.int64)}
     if data.labels is not None:
         arrays["labels"] = data.labels.numpy()
+    if data.paths is not None:
+        arrays["paths"] = np.array(data.paths)  # relative to --data, row for row; a str array, no pickle
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, **arrays)
     print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {feature} features")
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start the backbone from this checkpoint")
     t.add_argument("--device")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--report", action="store_true", help="write OUT/report.html at the end")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -127,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
 
+    for command in (cluster_command, export_command, report_command, compare_command):
+        command.add_parser(sub)
     sub.add_parser("methods", help="list the methods")
     return parser
 
@@ -142,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad_flags:
         parser.error(f"unrecognised arguments: {' '.join(bad_flags)}")
     commands = {"train": lambda: cmd_train(args, rest), "eval": lambda: cmd_eval(args),
-                "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args)}
+                "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
+                "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
+                "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args)}
     try:
         return commands[args.command]()
     except RunInterrupted as err:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed job

@@ -55,6 +55,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
     progress: bool = True
+    logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
     nan_policy: str = "stop"  # a NaN/inf loss: stop (naming where; the last checkpoint is kept) | skip the step
@@ -159,7 +160,7 @@ def check_choices(merged: dict[str, Any]) -> None:
     from .backbones import BACKBONES
 
     choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
-               "eval_feature": (None, "embedding", "pooled")}
+               "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:
             raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "

@@ -42,6 +42,7 @@ class ImageData:
     name: str
     classes: list[str] | None = None
     skipped: list[str] = field(default_factory=list)
+    paths: list[str] | None = None  # image files relative to the folder given (folder sources only)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -58,7 +59,8 @@ class ImageData:
 
     def subset(self, indices: torch.Tensor) -> ImageData:
         labels = None if self.labels is None else self.labels[indices]
-        return ImageData(self.images[indices], labels, self.name, self.classes, self.skipped)
+        paths = None if self.paths is None else [self.paths[i] for i in indices.tolist()]
+        return ImageData(self.images[indices], labels, self.name, self.classes, self.skipped, paths)
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -334,7 +336,8 @@ def load_data(
             subset = None  # done before decoding: cheaper
         images, kept, skipped = decode_images(files, image_size, bad_images)
         labels = None if labels is None else torch.tensor([labels[i] for i in kept], dtype=torch.long)
-        data = ImageData(images, labels, str(path), classes, skipped)
+        paths = [files[i].relative_to(path).as_posix() for i in kept]
+        data = ImageData(images, labels, str(path), classes, skipped, paths)
     else:
         data = load_torchvision(kind, root, split)
     if subset is not None and subset < len(data):

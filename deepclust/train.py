@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .augment import Augment
 from .backbones import Backbone
+from .board import TensorBoardLog, open_board
 from .checkpoint import (
     CheckpointError,
     backbone_from_checkpoint,
@@ -143,7 +144,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(method.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     run = Run(cfg, hparams, method, optimizer, data, test, device, out)
     if payload is not None:
@@ -197,7 +198,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     batches = [b.tolist() for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr if group.get("scheduled", True) else cfg.lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
@@ -239,11 +240,13 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     return row
 
 
-def write_metrics(path: Path, row: dict[str, Any]) -> None:
+def write_metrics(path: Path, row: dict[str, Any], board: TensorBoardLog | None = None) -> None:
     """One write of a whole line: a crash or a full disk can tear at most the last line, which reads skip."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
+    if board is not None:
+        board.write(row)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -284,6 +287,7 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
         metrics_path.unlink(missing_ok=True)
     with open(run.out / "config.yaml", "w") as f:
         yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
+    board = open_board(cfg.logger, run.out)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 else None  # for a stop in epoch 0
@@ -292,7 +296,7 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
         untrained = evaluate_knn(run)
         if untrained is not None:
             write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
-                                         "untrained": True})
+                                         "untrained": True}, board)
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         try:
@@ -307,15 +311,17 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
             row["knn_top1"] = evaluate_knn(run)
         log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in row.items()})
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
         if global_epoch + 1 < stop:
             raise_if_stopping(f"the end of epoch {global_epoch}", run.out / "checkpoint.pt", global_epoch + 1)
     if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
         row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
-        write_metrics(metrics_path, row)
+        write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
+    if board is not None:
+        board.close()
     baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
     return {**row, "knn_untrained": baseline} if baseline is not None else row

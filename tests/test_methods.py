@@ -65,6 +65,18 @@ def test_cluster_count_is_chosen_from_n_when_unset_and_recorded(tmp_path, method
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["k"] == 2
 
 
+def test_deepcluster_head_keeps_the_full_lr_while_the_backbone_decays(tmp_path):
+    cfg, hp = run_cfg(tmp_path, "deepcluster", k=8, lr_decay_at=[0.5])
+    train(cfg, hp)
+    groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [(g["scheduled"], g["lr"]) for g in groups] == [(True, pytest.approx(0.003)), (False, 0.03)]
+    head = DeepCluster(Backbone("convnet", 32, 128, False, 8), 96, DeepCluster.Config(k=8))
+    fixed = head.param_groups()[1]["params"]
+    assert [p.shape for p in fixed] == [p.shape for p in head.classifier.parameters()]
+    assert sum(p.numel() for g in head.param_groups() for p in g["params"]) == sum(
+        p.numel() for p in head.parameters())
+
+
 def test_deepcluster_k_above_sample_count_is_a_clear_error(tmp_path):
     cfg, hp = run_cfg(tmp_path, "deepcluster", k=500)
     with pytest.raises(ClusteringError, match="k = 500 clusters but only 96 samples"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .geometry import ClusterGeometry, cluster_geometry
 from .graph import knn_graph
 from .kmeans import (
     ClusteringError,
@@ -27,6 +28,7 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 
 __all__ = [
-    "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count", "cluster_count",
+    "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
+    "cluster_count", "cluster_geometry",
     "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "size_stats", "split_empty_clusters",
 ]

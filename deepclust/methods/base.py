@@ -55,6 +55,9 @@ class Method(nn.Module):
     eval_feature: ClassVar[str] = "embedding"  # which features the kNN protocol reads
     trains: ClassVar[bool] = True  # False for the random-init reference
     uses_labels: ClassVar[bool] = False  # only the supervised reference
+    # Submodules trained at the full lr in every epoch, outside the schedule: a head re-initialised each
+    # epoch (DeepCluster's) cannot fit its new targets at a decayed lr (its loss then stays at log k).
+    unscheduled_modules: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Config:
@@ -66,6 +69,13 @@ class Method(nn.Module):
         self.backbone = backbone
         self.num_samples = num_samples
         self.config = config if config is not None else self.Config()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups: the scheduled parameters, then those of ``unscheduled_modules`` (if any)."""
+        fixed = [p for name in self.unscheduled_modules for p in getattr(self, name).parameters()]
+        fixed_ids = {id(p) for p in fixed}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in fixed_ids], "scheduled": True}]
+        return groups + ([{"params": fixed, "scheduled": False}] if fixed else [])
 
     def before_epoch(self, ctx: EpochContext) -> torch.Tensor | None:
         """Make targets for the epoch; return the sample order, or None for a random permutation."""
@@ -81,3 +91,8 @@ class Method(nn.Module):
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         """Numbers to log for the epoch."""
         return {}
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        """The method's own cluster id of every training sample (-1: none), or None when it has no
+        clusters (or has not made them yet). ``deepclust cluster`` and the report read it."""
+        return None

@@ -27,6 +27,7 @@ class DeepCluster(Method):
 
     name = "deepcluster"
     eval_feature = "pooled"
+    unscheduled_modules = ("classifier",)  # the paper gives each new classifier a fresh optimiser at full lr
 
     @dataclass
     class Config:
@@ -62,3 +63,6 @@ class DeepCluster(Method):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        return self.assignments if bool((self.assignments >= 0).all()) else None

@@ -180,3 +180,6 @@ class ODC(Method):
         if ctx.true_labels is not None:
             stats["nmi_labels"] = nmi(ctx.true_labels, self.labels)
         return stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        return self.labels if self.initialised else None

@@ -126,3 +126,10 @@ class PCP(NPID):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor | None:
+        """The last k-means assignment of every image; without a vote history, the purified clusters (-1: filtered)."""
+        if self.config.vote_epochs and bool((self.history[0] >= 0).all()):
+            return self.history[0]
+        purified = self.groups < self.num_samples
+        return torch.where(purified, self.groups, -1) if bool(purified.any()) else None

@@ -93,3 +93,6 @@ class UIC(Method):
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
+
+    def cluster_assignments(self) -> torch.Tensor:
+        return self.next_targets  # the classifier's latest argmax for each image

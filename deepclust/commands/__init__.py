@@ -1,0 +1,1 @@
+"""The commands beyond training: cluster, export, report, compare. Only ``deepclust.cli`` imports them."""

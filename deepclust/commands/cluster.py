@@ -1,0 +1,119 @@
+"""``deepclust cluster``: every image's cluster, its distance to the cluster's centre and a confidence, as CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
+from ..cluster import ClusterGeometry, check_cluster_count, cluster_geometry, kmeans
+from ..data import ImageData, load_data
+from ..eval import assignment_metrics, extract_features
+from ..methods import METHODS, Method
+
+log = logging.getLogger(__name__)
+
+
+def method_clusters(payload: dict[str, Any]) -> torch.Tensor | None:
+    """The checkpoint's method's own cluster id per training sample, or None when it has none."""
+    cls = METHODS.get(payload["method"])
+    if cls is None or cls.cluster_assignments is Method.cluster_assignments:
+        return None  # no clusters: no need to rebuild the method
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    hparams = cls.Config(**{k: v for k, v in payload["config"].items() if k in fields})
+    method = cls(backbone_from_checkpoint(payload), payload["num_samples"], hparams)
+    method.load_state_dict(payload["state"])
+    found = method.cluster_assignments()
+    return None if found is None else found.detach().cpu().clone()
+
+
+def load_cluster_data(payload: dict[str, Any], spec: str | None, bad_images: str) -> tuple[ImageData, bool]:
+    """``spec`` (default: the run's training data, with its subset) and whether it is the training data."""
+    cfg = payload["config"]
+    training = spec is None or spec == cfg["data"]
+    size = payload["backbone"]["image_size"]
+    if not training:
+        return load_data(spec, "train", size, bad_images), False
+    data = load_data(cfg["data"], "train", size, cfg.get("bad_images", bad_images), cfg.get("subset"))
+    if len(data) != payload["num_samples"]:
+        raise CheckpointError(f"the run was trained on {payload['num_samples']} images of {cfg['data']}, which now "
+                              f"holds {len(data)}; pass --k K to cluster the images as they are now")
+    return data, True
+
+
+def sizes_summary(sizes: torch.Tensor) -> str:
+    live = sizes[sizes > 0].sort(descending=True).values
+    return (f"{live.numel()} clusters, sizes {int(live.min())}..{int(live.max())} "
+            f"(median {float(live.float().median()):g}; largest {', '.join(str(int(s)) for s in live[:5])})")
+
+
+def write_csv(path: Path, data: ImageData, assignments: torch.Tensor, geometry: ClusterGeometry) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    has_paths = data.paths is not None
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path" if has_paths else "index", "cluster", "distance", "confidence"]
+                     + ([] if data.labels is None else ["label"]))
+        for i in range(len(data)):
+            row = [data.paths[i] if has_paths else i, int(assignments[i])]
+            d, c = float(geometry.distance[i]), float(geometry.confidence[i])
+            row += ["" if d != d else f"{d:.6f}", "" if c != c else f"{c:.6f}"]  # NaN: unassigned
+            if data.labels is not None:
+                label = int(data.labels[i])
+                row.append(data.classes[label] if data.classes else label)
+            out.writerow(row)
+
+
+def run(args: argparse.Namespace) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    data, training = load_cluster_data(payload, args.data, args.bad_images)
+    feature = args.feature or payload["eval_feature"]
+    device = torch.device(args.device)
+    model = backbone_from_checkpoint(payload).to(device)
+    feats = extract_features(model, data.images, feature, device=device).cpu()
+    if args.k is not None:
+        check_cluster_count(args.k, len(data), "cluster --k")
+        assignments = kmeans(feats, args.k, iters=50, seed=args.seed, n_init=args.restarts).assignments
+        source = f"k-means, k = {args.k}, on the {feature} features"
+    else:
+        own = method_clusters(payload)
+        if own is None:
+            raise CheckpointError(f"method {payload['method']!r} has no clusters of its own in {args.checkpoint}; "
+                                  "pass --k K to cluster the images with k-means")
+        if not training:
+            raise CheckpointError(f"the method's clusters belong to its training images ({payload['config']['data']}"
+                                  f"); leave out --data to list those, or pass --k K to cluster {args.data}")
+        assignments, source = own, f"the {payload['method']} clusters of the last epoch"
+    geometry = cluster_geometry(feats, assignments)
+    write_csv(Path(args.out), data, assignments, geometry)
+    assigned = assignments >= 0
+    unassigned = int((~assigned).sum())
+    print(f"wrote {args.out}: {len(data)} images of {data.name}, {source}: {sizes_summary(geometry.sizes)}"
+          + (f"; {unassigned} images in no cluster (-1)" if unassigned else ""))
+    if data.labels is not None:
+        m = assignment_metrics(assignments[assigned], data.labels[assigned])
+        print(f"against the labels: NMI {m['nmi']:.4f}, ARI {m['ari']:.4f}, accuracy {m['acc']:.2f}% "
+              "(Hungarian matching of clusters to classes)")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="write each image's cluster, distance to its centre and confidence (CSV)",
+                       description="Without --k: the method's own clusters of its training images (DeepCluster, "
+                       "ODC, UIC). With --k: k-means on the checkpoint's features of any --data. Confidence is "
+                       "(b - a) / max(a, b), a the distance to the own centre, b to the nearest other one.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="default: the run's training data")
+    p.add_argument("--out", required=True, help="the CSV file to write")
+    p.add_argument("--k", type=int, help="k-means with this many clusters instead of the method's clusters")
+    p.add_argument("--restarts", type=int, default=5, help="k-means restarts (the lowest inertia wins)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature", choices=("embedding", "pooled"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail")

@@ -1,0 +1,117 @@
+"""The trained backbone alone, for the tools a user runs next: torchvision key names, safetensors by default.
+
+ResNets and VGG keep torchvision's parameter names, so the exported state_dict loads with ``strict=True``
+into ``torchvision.models.<name>()`` once its classifier is replaced by ``nn.Identity()`` (method heads,
+memory banks and optimiser state are not exported). ``load_backbone`` rebuilds any exported backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .augment import MEAN, STD
+from .backbones import BACKBONES, Sobel
+from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, load_checkpoint
+
+EXPORT_FORMAT = "deepclust-backbone/1"
+FORMATS = ("safetensors", "torchvision", "timm")
+TORCHVISION_NAMES = {"resnet50": "resnet50", "resnet18_cifar": "resnet18", "vgg16_bn": "vgg16_bn"}
+
+
+def small_stem(state: dict[str, torch.Tensor]) -> bool:
+    """A ResNet trained on small images has a 3x3 stride-1 conv1 and no max-pool (the CIFAR stem)."""
+    return "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
+
+
+def how_to_load(name: str, state: dict[str, torch.Tensor], sobel: bool, fmt: str, path: str) -> str:
+    """Python lines that load the exported file into torchvision's (or timm's) model of the same architecture."""
+    tv = TORCHVISION_NAMES.get(name)
+    if tv is None or sobel:
+        why = "Sobel input" if sobel else "no torchvision counterpart"
+        return f"import deepclust\nmodel = deepclust.load_backbone({path!r})  # {name}, {why}"
+    read = ("state = torch.load(path, weights_only=True)" if fmt == "torchvision"
+            else "from safetensors.torch import load_file\nstate = load_file(path)")
+    if fmt == "timm":
+        build = f"import timm\nmodel = timm.create_model({tv!r}, num_classes=0)  # its ResNets use torchvision's names"
+    else:
+        build = f"model = torchvision.models.{tv}()"
+        build += ("\nmodel.avgpool = nn.AdaptiveAvgPool2d(1)\nmodel.classifier = nn.Identity()" if tv == "vgg16_bn"
+                  else "\nmodel.fc = nn.Identity()  # the backbone's pooled features, no classifier")
+    if small_stem(state):
+        build += ("\nmodel.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # trained on small images: CIFAR stem"
+                  "\nmodel.maxpool = nn.Identity()")
+    return (f"import torch, torch.nn as nn, torchvision\npath = {path!r}\n{read}\n{build}\n"
+            "model.load_state_dict(state, strict=True)")
+
+
+def backbone_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trunk's parameters and buffers under torchvision's names (VGG: ``features.N``); nothing else."""
+    trunk = backbone_from_checkpoint(payload).trunk
+    state = {k: v.contiguous() for k, v in trunk.state_dict().items()}
+    if payload["backbone"]["name"] == "vgg16_bn":  # trunk = Sequential(features, pool, flatten)
+        state = {"features." + k[2:]: v for k, v in state.items() if k.startswith("0.")}
+    return state
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "safetensors") -> str:
+    """Write the checkpoint's backbone to ``out``; returns how to load it (Python lines)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    payload = load_checkpoint(checkpoint)
+    spec = payload["backbone"]
+    name = spec["name"]
+    if fmt != "safetensors" and (name not in TORCHVISION_NAMES or spec["sobel"]):
+        raise CheckpointError(f"backbone {name}{' with Sobel input' if spec['sobel'] else ''} has no {fmt} "
+                              "counterpart; export with --format safetensors and load it with deepclust.load_backbone")
+    if fmt == "timm" and name == "vgg16_bn":
+        raise CheckpointError("timm's VGG adds pre-logits layers this export does not have; use --format torchvision")
+    state = backbone_state(payload)
+    meta = {"format": EXPORT_FORMAT, "backbone": name, "image_size": spec["image_size"], "sobel": spec["sobel"],
+            "width": spec["width"], "method": payload["method"], "torchvision": TORCHVISION_NAMES.get(name),
+            "input": f"RGB in [0, 1], normalised with mean {list(MEAN)} and std {list(STD)}, "
+                     f"{spec['image_size']}x{spec['image_size']}"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchvision":
+        torch.save(state, out)  # a plain state_dict: torch.load(weights_only=True) reads it
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return how_to_load(name, state, spec["sobel"], fmt, str(out))
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """A ready backbone in eval mode from an exported ``.safetensors`` file or a deepclust checkpoint: it maps
+    normalised images (B, 3, S, S) to pooled features (B, D). ``module.deepclust`` holds the file's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no file {path}")
+    if path.suffix != ".safetensors":
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+            raise CheckpointError(f"{path} is neither a deepclust checkpoint nor a .safetensors export; a "
+                                  "torchvision-format export loads into torchvision's model (see deepclust export)")
+        backbone = backbone_from_checkpoint(payload)
+        module = nn.Sequential(backbone.sobel, backbone.trunk) if backbone.sobel is not None else backbone.trunk
+        module.deepclust = {"backbone": backbone.name, **payload["backbone"], "method": payload["method"]}
+        return module.eval()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a deepclust backbone export (no {EXPORT_FORMAT!r} metadata)")
+    if meta["backbone"] == "vgg16_bn":
+        state = {"0." + k[len("features."):]: v for k, v in state.items()}
+    trunk, _ = BACKBONES[meta["backbone"]](2 if meta["sobel"] else 3, meta["image_size"], meta["width"])
+    trunk.load_state_dict(state, strict=True)
+    module = nn.Sequential(Sobel(), trunk) if meta["sobel"] else trunk
+    module.deepclust = meta
+    return module.eval()
