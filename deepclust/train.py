@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,9 @@ def truncate_metrics(path: Path, next_epoch: int) -> None:
     if not path.exists():
         return
     rows = [r for r in read_metrics(path) if r.get("global_epoch", -1) < next_epoch]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)  # a crash while rewriting never loses the rows kept
 
 
 def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Property tests (hypothesis) of the clustering utilities on degenerate features, and of the config parser."""
+"""Property tests (hypothesis) of the clustering utilities on degenerate features (k-means, empty-cluster repair,
+PCA-whitening, the kNN graph, ODC's small-cluster split, purification) and of the config parser."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from deepclust.cluster import ClusteringError, kmeans, knn_graph, pca_whiten, sp
 from deepclust.cluster.purify import purify
 from deepclust.config import ConfigError, TrainConfig, parse_overrides, resolve
 from deepclust.methods import METHODS
+from deepclust.methods.odc import split_in_two
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("random", "identical", "zeros", "duplicates", "one_hot", "huge", "tiny")
 
 
 @st.composite
-def features(draw, max_n: int = 40, max_d: int = 8) -> torch.Tensor:
+def features(draw, max_n: int = 40, max_d: int = 8, min_n: int = 1) -> torch.Tensor:
     """(n, d) float32 features, often degenerate: all rows equal, all zero, a few rows repeated, extreme scales."""
-    n, d = draw(st.integers(1, max_n)), draw(st.integers(1, max_d))
+    n, d = draw(st.integers(min_n, max_n)), draw(st.integers(1, max_d))
     kind = draw(st.sampled_from(KINDS))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(n, d, generator=gen)
@@ -91,17 +93,23 @@ def test_pca_whitening_of_degenerate_features_is_finite(x, dim):
 
 
 @FUZZ
-@given(x=features(), data=st.data())
+@given(x=features(min_n=2), data=st.data())
 def test_knn_graph_of_degenerate_features_is_valid(x, data):
     n = x.shape[0]
-    if n < 2:
-        return
     k = data.draw(st.integers(1, n - 1))
     sims, idx = knn_graph(F.normalize(x, dim=1), k)
     assert sims.shape == idx.shape == (n, k)
     assert ((idx >= 0) & (idx < n)).all() and (idx != torch.arange(n).unsqueeze(1)).all()
     assert torch.isfinite(sims).all()
     assert all(len(set(row)) == k for row in idx.tolist())  # k distinct neighbours
+
+
+@FUZZ
+@given(x=features(min_n=2), seed=st.integers(0, 1000), min_side=st.integers(0, 10))
+def test_odc_small_cluster_split_gives_two_non_empty_halves_of_degenerate_features(x, seed, min_side):
+    side = split_in_two(x, seed, min_side)
+    assert side.dtype == torch.bool and side.shape == (x.shape[0],)
+    assert 0 < int(side.sum()) < x.shape[0]
 
 
 @FUZZ
