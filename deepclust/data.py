@@ -180,13 +180,29 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
     return files, labels, classes
 
 
-def check_memory(n: int, size: int, what: str) -> None:
-    """Fail before decoding when n images of size x size (uint8 RGB) cannot fit in the memory left."""
-    need, free = n * 3 * size * size, available_memory()
+def check_memory(n: int, size: int, what: str, stored: int = 0) -> None:
+    """Fail before decoding when n images of size x size (uint8 RGB), plus ``stored`` bytes read first (an
+    npz's array), cannot fit in the memory left."""
+    need, free = stored + n * 3 * size * size, available_memory()
     if free is not None and need > free:
-        raise DataError(f"{what}: {n} images of {size}x{size} need about {need / 2**30:.2f} GiB decoded (N x 3 x S "
-                        f"x S bytes), but {free / 2**30:.2f} GiB of memory are available; pass subset=N or a smaller "
-                        "image_size, or pre-decode the folder with `deepclust prepare` (planned, not available yet)")
+        also = f" plus {stored / 2**30:.2f} GiB stored" if stored else ""
+        raise DataError(f"{what}: {n} images of {size}x{size} need about {need / 2**30:.2f} GiB (N x 3 x S x S "
+                        f"bytes decoded{also}), but {free / 2**30:.2f} GiB of memory are available; pass subset=N or a "
+                        "smaller image_size, or pre-decode the data with `deepclust prepare` (planned, not available "
+                        "yet)")
+
+
+def npz_images_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of an npz's 'images' array, read from its header (the array is not loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(header(f)[0])
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):  # np.load below reports what is wrong
+        return None
 
 
 def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -313,6 +329,10 @@ def load_data(
         path = Path(root)
         if not path.is_file():
             raise DataError(f"no file {path}; give an .npz with 'images' (N,H,W[,C] uint8) and optional 'labels'")
+        shape = npz_images_shape(path)
+        if shape is not None and len(shape) in (3, 4):
+            sides = shape[2:4] if len(shape) == 4 and shape[-1] not in (1, 3, 4) else shape[1:3]  # NCHW or NHW[C]
+            check_memory(shape[0], image_size or min(sides), str(path), stored=int(np.prod(shape)))
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
                 raise DataError(f"{path} has no 'images' array (it has {sorted(npz.files)}); save the images "

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import read_rows, run_cfg
@@ -273,8 +274,8 @@ def test_a_dataset_over_the_available_memory_fails_before_decoding_with_the_esti
     folder = image_folder(tmp_path / "images")  # 4 images of 16x16: 4 x 3 x 16 x 16 = 3072 bytes decoded
     monkeypatch.setattr("deepclust.data.available_memory", lambda: 3071)
     with pytest.raises(DataError, match=re.escape(
-            f"{folder}: 4 images of 16x16 need about 0.00 GiB decoded (N x 3 x S x S bytes), but 0.00 GiB of "
-            "memory are available; pass subset=N or a smaller image_size, or pre-decode the folder with "
+            f"{folder}: 4 images of 16x16 need about 0.00 GiB (N x 3 x S x S bytes decoded), but 0.00 GiB of "
+            "memory are available; pass subset=N or a smaller image_size, or pre-decode the data with "
             "`deepclust prepare` (planned, not available yet)")):
         load_data(str(folder))
     monkeypatch.setattr("deepclust.data.available_memory", lambda: 3072)
@@ -317,3 +318,17 @@ def test_a_full_disk_outside_the_checkpoint_is_a_run_error(tmp_path):
     with pytest.raises(FileNotFoundError):  # other OS errors pass unchanged
         with disk_full_is_a_run_error(tmp_path):
             open(tmp_path / "absent" / "x")
+
+
+def test_an_npz_over_the_available_memory_fails_before_its_array_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "big.npz"  # (5, 20, 30, 1): 3000 bytes stored, 5 x 3 x 20 x 20 = 6000 decoded at the short side
+    np.savez(path, images=np.zeros((5, 20, 30, 1), dtype=np.uint8))
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 8999)
+    with pytest.raises(DataError, match=re.escape(f"{path}: 5 images of 20x20 need about 0.00 GiB (N x 3 x S x S "
+                                                  "bytes decoded plus 0.00 GiB stored), but")):
+        load_data(str(path))
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 9000)
+    assert load_data(str(path)).images.shape == (5, 3, 20, 20)
+    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3000 + 5 * 3 * 8 * 8 - 1)
+    with pytest.raises(DataError, match="5 images of 8x8"):  # the image_size asked for
+        load_data(str(path), image_size=8)
