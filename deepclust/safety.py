@@ -44,60 +44,70 @@ class RunInterrupted(RunError):
         self.exit_code = 128 + signum
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def read_lock(path: Path) -> dict | None:
     try:
         holder = json.loads(path.read_text())
         return holder if isinstance(holder, dict) else None
-    except (OSError, ValueError):  # vanished, or torn by a crash while it was written
+    except (OSError, ValueError):  # vanished, empty, or torn by a crash while it was written
         return None
+
+
+def lock_file(path: Path) -> int | None:
+    """An fd of ``path`` holding an exclusive flock, or None when a live process holds it. The kernel drops
+    the flock when its holder dies, even by SIGKILL: a lock is never stale, whatever the pid says."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
 
 
 @contextmanager
 def hold_folder(out: Path) -> Iterator[Path]:
-    """Hold ``out`` for this process: a lock file with our pid and host, created exclusively.
+    """Hold ``out`` for this process: an flock on OUT/train.lock, which names our pid and host.
 
-    A lock of a live process is refused with its holder named; one whose pid is dead on this host (or
-    that is unreadable) is stale and taken over. A lock from another host cannot be checked: refused,
-    with how to remove it.
+    A folder a live process holds is refused, naming it. A lock file left by a dead run on this host is
+    taken over. One written on another host is refused (whether its flock reaches this host depends on the
+    file system), with how to remove it.
     """
     out.mkdir(parents=True, exist_ok=True)
     path, host = out / LOCK_NAME, socket.gethostname()
-    me = json.dumps({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is not None and holder.get("host") != host:
-                raise LockError(f"{out} is held by a run on host {holder.get('host')} (pid {holder.get('pid')}, "
-                                f"since {holder.get('since')}); use another --out, or delete {path} if that run "
-                                "is dead") from None
-            if holder is not None and holder.get("pid") != os.getpid() and pid_alive(int(holder.get("pid", -1))):
-                raise LockError(f"{out} is held by a live run (pid {holder['pid']} on {host}, since "
-                                f"{holder.get('since')}); wait for it, stop it, or use another --out") from None
-            log.warning("taking over the stale lock %s of a dead run (%s)", path, holder)
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
-    else:
-        raise LockError(f"could not take the lock {path}: other processes keep taking it")
     try:
+        fd = lock_file(path)
+    except ImportError:  # no fcntl (Windows)
+        log.warning("no file locks on this platform: nothing stops a second run into %s", out)
         yield path
+        return
+    holder = read_lock(path)
+    if fd is None:
+        holder = holder or {}
+        raise LockError(f"{out} is held by a live run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                        f"since {holder.get('since', '?')}); wait for it, stop it, or use another --out")
+    try:
+        if holder is not None and holder.get("host") != host:
+            raise LockError(f"{out} is held by a run on host {holder.get('host')} (pid {holder.get('pid')}, since "
+                            f"{holder.get('since')}); use another --out, or delete {path} if that run is dead")
+        if holder is not None:
+            log.warning("taking over the lock %s left by a run that ended without removing it (%s)", path, holder)
+        me = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)  # still under our flock; a process that opened it meanwhile retries
     finally:
-        if (read_lock(path) or {}).get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextmanager
@@ -162,8 +172,8 @@ def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int) -> None:
     if STOP.signum is None:
         return
     name = signal.Signals(STOP.signum).name
-    raise RunInterrupted(f"stopped by {name} at {where}. {checkpoint} resumes at epoch {resume_epoch} (the "
-                         f"interrupted epoch is redone, so the result equals an uninterrupted run): run the "
+    raise RunInterrupted(f"stopped by {name} at {where}. {checkpoint} resumes at epoch {resume_epoch} (an "
+                         f"unfinished epoch is redone, so the result equals an uninterrupted run): run the "
                          f"same command with --resume", STOP.signum)
 
 

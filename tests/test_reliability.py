@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,17 +129,27 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid
     rc = main(["train", "--method", "npid", "--out", str(out), *tiny_train_args])
     assert rc == 0, capsys.readouterr().err
-    assert "taking over the stale lock" in caplog.text
+    assert (f"taking over the lock {out}/{LOCK_NAME} left by a run that ended without removing it "
+            f"({{'pid': {proc.pid}, ") in caplog.text
     assert not (out / LOCK_NAME).exists()
     assert load_checkpoint(out / "checkpoint.pt")["next_epoch"] == 1
 
 
-def test_lock_of_another_host_is_refused_and_a_torn_lock_taken_over(tmp_path):
+def test_lock_of_another_host_is_refused_and_unheld_ones_taken_over(tmp_path):
     lock = tmp_path / LOCK_NAME
     lock.write_text(json.dumps({"pid": 1, "host": "node-17", "since": "2026-01-01 00:00:00"}))
     with pytest.raises(LockError, match=rf"held by a run on host node-17 \(pid 1, .* delete {re.escape(str(lock))}"):
         with hold_folder(tmp_path):
             pass
+    # a live pid of this host that holds no flock (a pid reused after a reboot) does not hold the folder
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "2026-01-01"}))
+    with hold_folder(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(LockError, match=f"is held by a live run \\(pid {os.getpid()} on "):
+            with hold_folder(tmp_path):  # the holder is this very process: refused all the same
+                pass
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
     lock.write_text('{"pid": 12')  # torn by a crash while it was written
     with hold_folder(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
