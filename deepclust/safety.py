@@ -122,11 +122,29 @@ def disk_full_is_a_run_error(out: Path) -> Iterator[None]:
                        "run again with --resume") from err
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """``iter(loader)`` with SIGTERM / SIGINT blocked while its worker processes start, so that a signal sent to
+    the whole job or process group (SLURM, a terminal) cannot kill a worker before ``ignore_stop_signals`` ran in
+    it; the main process receives its own as soon as they are started."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader workers leave SIGTERM / SIGINT (sent to the whole job or process group) to the main process,
-    which stops after its step and shuts them down; a worker that died of it would fail the step."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker leaves SIGTERM / SIGINT to the main process, which stops after its step and shuts
+    the workers down (torch's own SIGTERM handler would make the worker die and fail the step)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by start_workers; pending ones drop
 
 
 class StopRequest:

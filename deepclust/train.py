@@ -45,6 +45,7 @@ from .safety import (
     hold_folder,
     ignore_stop_signals,
     raise_if_stopping,
+    start_workers,
     stop_on_signals,
 )
 
@@ -210,7 +211,8 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     total, steps, skipped = torch.zeros((), device=device), 0, 0
     checkpoint = run.out / "checkpoint.pt"
     guard = LossGuard(cfg.nan_policy, checkpoint)
-    bar = tqdm(loader, desc=f"round {round_} epoch {epoch}", leave=False, disable=not cfg.progress)
+    bar = tqdm(start_workers(loader), desc=f"round {round_} epoch {epoch}", total=len(loader), leave=False,
+               disable=not cfg.progress)
     for step, (pixels, index) in enumerate(bar):
         where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
         pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
