@@ -593,10 +593,39 @@ def run_all(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def merge_runs(sources: list[str], out: Path) -> int:
+    """One table from the runs of several harness outputs (e.g. a profile run method by method across days).
+
+    Runs of one method from different sources are pooled as seeds; all sources must share one profile.
+    """
+    from deepclust.methods import METHODS
+
+    summaries = [json.loads((Path(s) / "results.json").read_text()) for s in sources]
+    profiles = {s["profile"] for s in summaries}
+    if len(profiles) != 1:
+        print(f"benchmarks.run: --merge needs one profile, got {', '.join(sorted(profiles))}", file=sys.stderr)
+        return 2
+    runs = [r for s in summaries for r in s.get("runs", [])]
+    present = {r["method"] for r in runs}
+    selected = method_order([m for m in METHODS if m in present]) + sorted(present - set(METHODS))
+    first = summaries[0]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**first, "argv": sys.argv, "merged_from": sources, "selected": selected, "runs": runs,
+               "units": len(runs), "complete": all(s.get("complete") for s in summaries),
+               "seeds": sorted({r.get("seed") for r in runs if r.get("seed") is not None}),
+               "sets": sorted({x for s in summaries for x in s.get("sets", [])}),
+               "total_wall_s": sum(s.get("total_wall_s", 0.0) for s in summaries)}
+    write_outputs(summary, out)
+    print(f"wrote {out / 'results.md'} from {len(runs)} runs of {len(selected)} methods")
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=tuple(PROFILES), required=True)
+    p.add_argument("--profile", choices=tuple(PROFILES))
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="no training: one table (into --out) from the results.json of earlier runs of one profile")
     p.add_argument("--methods", help="comma-separated method names (default: every method, supervised first)")
     p.add_argument("--data", help="training data spec, replacing the profile's (its test split unless --test-data)")
     p.add_argument("--test-data", help="test data spec, replacing the profile's")
@@ -627,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"{flag} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.merge:
+        return merge_runs(args.merge, Path(args.out))
+    if args.profile is None:
+        build_parser().error("--profile is required (or --merge DIR ...)")
     return run_one(args) if args.one else run_all(args)
 
 

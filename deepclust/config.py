@@ -52,7 +52,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads; default: the cores other jobs leave free (logged)
-    amp: bool = True  # bf16 autocast on GPU
+    amp: bool = True  # bf16 autocast where it is native: CUDA, or a CPU with AVX512-BF16 / AMX
     channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
     progress: bool = True
     logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)

@@ -37,7 +37,7 @@ from .data import ImageData, IndexedImages, load_train_test
 from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
-from .runtime import choose_threads
+from .runtime import choose_threads, native_bf16
 from .safety import (
     LossGuard,
     RunInterrupted,
@@ -129,7 +129,8 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
-        log.info("training on the CPU with %d torch thread(s)", threads)
+        log.info("training on the CPU with %d torch thread(s), %s", threads,
+                 "bf16 autocast" if cfg.amp and native_bf16(device) else "float32")
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset)
     if payload is not None and payload["num_samples"] != len(data):
@@ -205,7 +206,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
     augment = Augment(run.data.image_size)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and native_bf16(device)
     channels_last = cfg.channels_last
     method.train()
     total, steps, skipped = torch.zeros((), device=device), 0, 0

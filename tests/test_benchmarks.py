@@ -27,3 +27,36 @@ def test_harness_names_a_failed_method_and_exits_non_zero(tmp_path):
     assert "FAILED: deepcluster" in table and "k = 30 clusters but only 20 samples" in table
     random_row = next(line for line in table.splitlines() if line.startswith("| random |"))
     assert "FAILED" not in random_row
+
+
+def fake_summary(runs: list[dict]) -> dict:
+    return {"profile": "smoke", "selected": sorted({r["method"] for r in runs}), "runs": runs, "complete": True,
+            "started": "2026-11-30T00:00:00", "host": "test", "jobs": 1, "total_wall_s": 1.0,
+            "profile_train": {"data": "digits", "epochs": 2}, "profile_methods": {}}
+
+
+def fake_run(method: str, seed: int, knn: float) -> dict:
+    return {"method": method, "seed": seed, "status": "ok", "knn_top1": knn, "views": 1,
+            "trains": method != "random", "epoch_time_median_s": 1.0, "knn_curve": [[0, 30.0], [2, knn]]}
+
+
+def test_merge_pools_seeds_and_marks_gains_against_the_seed_spread(tmp_path):
+    import json
+
+    from benchmarks.run import merge_runs
+
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    for folder, runs in ((day1, [fake_run("random", s, v) for s, v in ((0, 30.0), (1, 32.0), (2, 31.0))]
+                          + [fake_run("npid", 0, 40.0)]),
+                         (day2, [fake_run("npid", 1, 42.0), fake_run("npid", 2, 44.0),
+                                 fake_run("odc", 0, 30.0), fake_run("odc", 1, 33.0), fake_run("odc", 2, 30.0)])):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(fake_summary(runs)))
+    assert merge_runs([str(day1), str(day2)], tmp_path / "merged") == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "merged" / "results.json").read_text())["methods"]}
+    assert rows["npid"]["knn_top1"] == 42.0 and rows["npid"]["knn_top1_std"] == 2.0  # seeds pooled across runs
+    assert rows["npid"]["knn_gain"] == 11.0 and rows["npid"]["knn_gain_spread"] == 3.0  # std 2 + std 1
+    assert rows["npid"]["knn_curve"] == [[0, 30.0], [2, 42.0]]
+    table = (tmp_path / "merged" / "results.md").read_text()
+    assert "| npid | 42.00 ± 2.00 | +11.00 (3.7x spread) |" in table
+    assert "| odc | 31.00 ± 1.73 | +0.00 (within spread 2.73) |" in table

@@ -43,3 +43,12 @@ def test_requested_threads_and_the_users_omp_setting_win(monkeypatch, restore_th
     assert runtime.choose_threads(None) == 2  # the user said how many: not second-guessed
     with pytest.raises(ValueError, match="threads must be at least 1"):
         runtime.choose_threads(0)
+
+
+def test_bf16_autocast_is_used_where_the_device_runs_it_natively(monkeypatch):
+    assert runtime.native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not runtime.native_bf16(torch.device("cpu"))  # emulated bf16 is slower than fp32: stay in fp32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.native_bf16(torch.device("cpu"))
