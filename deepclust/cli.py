@@ -20,6 +20,7 @@ from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
 from .eval import evaluate_backbone, extract_features
+from .safety import RunError, RunInterrupted
 
 log = logging.getLogger("deepclust")
 
@@ -162,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args)}
     try:
         return commands[args.command]()
-    except (ConfigError, DataError, CheckpointError, ClusteringError) as err:
+    except RunInterrupted as err:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed job
+        print(f"deepclust: {err}", file=sys.stderr)
+        return err.exit_code
+    except (ConfigError, DataError, CheckpointError, ClusteringError, RunError) as err:
         print(f"deepclust: error: {err}", file=sys.stderr)
         return 2
 

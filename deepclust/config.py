@@ -58,6 +58,7 @@ class TrainConfig:
     logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
+    nan_policy: str = "stop"  # a NaN/inf loss: stop (naming where; the last checkpoint is kept) | skip the step
     # evaluation
     eval_every: int = 1  # epochs between kNN evaluations (0: only at the end)
     knn_k: int = 200
@@ -78,7 +79,11 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
         if value.strip() in ("", "null", "~", "None"):
             value = None
         elif base is not str:
-            value = yaml.safe_load(value)  # numbers, booleans and lists as YAML writes them
+            try:
+                value = yaml.safe_load(value)  # numbers, booleans and lists as YAML writes them
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key}={value!r} is not valid YAML ({str(err).splitlines()[0]}); quote it or "
+                                  "write it as YAML does, e.g. key=1e-3, key=true, key=[0.6, 0.8]") from None
     if value is None:
         if optional:
             return None
@@ -154,7 +159,7 @@ def resolve(layers: list[dict[str, Any]]) -> tuple[TrainConfig, Any]:
 def check_choices(merged: dict[str, Any]) -> None:
     from .backbones import BACKBONES
 
-    choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"),
+    choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
                "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runtime import available_memory
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -178,11 +180,47 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
     return files, labels, classes
 
 
+def check_memory(n: int, size: int, what: str, stored: int = 0) -> None:
+    """Fail before decoding when n images of size x size (uint8 RGB), plus ``stored`` bytes read first (an
+    npz's array), cannot fit in the memory left."""
+    need, free = stored + n * 3 * size * size, available_memory()
+    if free is not None and need > free:
+        also = f" plus {stored / 2**30:.2f} GiB stored" if stored else ""
+        raise DataError(f"{what}: {n} images of {size}x{size} need about {need / 2**30:.2f} GiB (N x 3 x S x S "
+                        f"bytes decoded{also}), but {free / 2**30:.2f} GiB of memory are available; pass subset=N or a "
+                        "smaller image_size, or pre-decode the data with `deepclust prepare` (planned, not available "
+                        "yet)")
+
+
+def npz_images_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of an npz's 'images' array, read from its header (the array is not loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(header(f)[0])
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):  # np.load below reports what is wrong
+        return None
+
+
 def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped."""
+    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped.
+
+    The memory the decoded set needs is checked first; images over PIL's decompression-bomb limit are refused.
+    """
     from PIL import Image
     from tqdm import tqdm
 
+    if size is None:
+        try:
+            with Image.open(files[0]) as first:  # reads the header only
+                size = min(first.size)
+        except Exception:  # the loop below reports it (or skips it)
+            pass
+    if size is not None:
+        check_memory(len(files), size, f"{files[0].parent}")
     out, kept, skipped = [], [], []
     for i, path in enumerate(tqdm(files, desc="decoding images", leave=False, mininterval=2)):
         try:
@@ -192,6 +230,12 @@ def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple
                     top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(wide.max()))
                     img = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 rgb = img.convert("RGB")
+        except Image.DecompressionBombError as err:
+            if bad_images == "fail":
+                raise DataError(f"refused image {path}: {err} Downscale it if it is genuine, or pass "
+                                "bad_images=skip to skip such images") from err
+            skipped.append(str(path))
+            continue
         except Exception as err:  # PIL raises many types for corrupt files
             if bad_images == "fail":
                 raise DataError(
@@ -285,6 +329,10 @@ def load_data(
         path = Path(root)
         if not path.is_file():
             raise DataError(f"no file {path}; give an .npz with 'images' (N,H,W[,C] uint8) and optional 'labels'")
+        shape = npz_images_shape(path)
+        if shape is not None and len(shape) in (3, 4):
+            sides = shape[2:4] if len(shape) == 4 and shape[-1] not in (1, 3, 4) else shape[1:3]  # NCHW or NHW[C]
+            check_memory(shape[0], image_size or min(sides), str(path), stored=int(np.prod(shape)))
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
                 raise DataError(f"{path} has no 'images' array (it has {sorted(npz.files)}); save the images "

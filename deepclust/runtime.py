@@ -1,10 +1,11 @@
-"""What the process may use of the machine: CPU threads chosen against the jobs already running, and
-whether bf16 autocast is native on the training device."""
+"""What the process may use of the machine: CPU threads chosen against the jobs already running, the
+memory left, and whether bf16 autocast is native on the training device."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,24 @@ def choose_threads(requested: int | None) -> int:
                     "(set threads=N to choose)", busy, cores, free, torch.get_num_threads())
         torch.set_num_threads(free)
     return torch.get_num_threads()
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the OS's MemAvailable, capped by a cgroup v2 limit (SLURM,
+    Kubernetes, Docker) where one is set; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def native_bf16(device: torch.device) -> bool:

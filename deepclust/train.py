@@ -8,9 +8,11 @@ what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,16 @@ from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
 from .runtime import choose_threads, native_bf16
+from .safety import (
+    LossGuard,
+    RunInterrupted,
+    disk_full_is_a_run_error,
+    hold_folder,
+    ignore_stop_signals,
+    raise_if_stopping,
+    start_workers,
+    stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +203,19 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
     loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
-                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda")
+                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
     augment = Augment(run.data.image_size)
     use_amp = cfg.amp and native_bf16(device)
     channels_last = cfg.channels_last
     method.train()
-    total, steps = torch.zeros((), device=device), 0
-    bar = tqdm(loader, desc=f"round {round_} epoch {epoch}", leave=False, disable=not cfg.progress)
-    for pixels, index in bar:
+    total, steps, skipped = torch.zeros((), device=device), 0, 0
+    checkpoint = run.out / "checkpoint.pt"
+    guard = LossGuard(cfg.nan_policy, checkpoint)
+    bar = tqdm(start_workers(loader), desc=f"round {round_} epoch {epoch}", total=len(loader), leave=False,
+               disable=not cfg.progress)
+    for step, (pixels, index) in enumerate(bar):
+        where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
         pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
         views = [augment(pixels, aug_gen) for _ in range(method.views)]
         if channels_last:
@@ -207,13 +224,20 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, outputs = method.loss(batch)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        method.after_step(batch, outputs)
-        total += loss.detach()
-        steps += 1
+        if guard.ok(loss, where):
+            loss.backward()
+            run.optimizer.step()
+            method.after_step(batch, outputs)
+            total += loss.detach()
+            steps += 1
+        else:
+            skipped += 1
+        raise_if_stopping(where, checkpoint, global_epoch)  # the epoch's checkpoint is the one before it
+    guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
                            "loss": float(total) / max(1, steps), "lr": lr}
+    if cfg.nan_policy == "skip":
+        row["skipped_steps"] = skipped
     row.update(method.after_epoch(ctx))
     row["time"] = time.perf_counter() - t0
     row["targets_time"] = t_targets
@@ -221,14 +245,22 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
 
 
 def write_metrics(path: Path, row: dict[str, Any], board: TensorBoardLog | None = None) -> None:
+    """One write of a whole line: a crash or a full disk can tear at most the last line, which reads skip."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+        f.flush()
     if board is not None:
         board.write(row)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of complete lines; a last line without its newline (torn by a crash) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")
+    if lines[-1]:
+        log.warning("%s: dropping a torn last line (%d characters)", path, len(lines[-1]))
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def truncate_metrics(path: Path, next_epoch: int) -> None:
@@ -236,11 +268,22 @@ def truncate_metrics(path: Path, next_epoch: int) -> None:
     if not path.exists():
         return
     rows = [r for r in read_metrics(path) if r.get("global_epoch", -1) < next_epoch]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)  # a crash while rewriting never loses the rows kept
 
 
 def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run in ``cfg.out``; returns the last metrics row."""
+    """Train (or resume) a run in ``cfg.out``; returns the last metrics row.
+
+    The folder is locked against a second run. SIGTERM / SIGINT stop the run after its current step with
+    RunInterrupted; the last epoch's checkpoint (on an interrupted first epoch: the initial state) resumes it.
+    """
+    with hold_folder(Path(cfg.out)), stop_on_signals(), disk_full_is_a_run_error(Path(cfg.out)):
+        return train_in_folder(cfg, hparams, resume)
+
+
+def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, Any]:
     run = setup(cfg, hparams, resume)
     run.out.mkdir(parents=True, exist_ok=True)
     metrics_path = run.out / "metrics.jsonl"
@@ -253,14 +296,22 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
     board = open_board(cfg.logger, run.out)
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
-    if run.start == 0 and total > 0:  # the same network before training: the baseline every result is read against
+    initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 else None  # for a stop in epoch 0
+    has_baseline = any(r.get("untrained") for r in read_metrics(metrics_path))
+    if run.start == 0 and total > 0 and not has_baseline:  # the network before training: the baseline
         untrained = evaluate_knn(run)
         if untrained is not None:
             write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
                                          "untrained": True}, board)
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
-        row = run_epoch(run, global_epoch)
+        try:
+            row = run_epoch(run, global_epoch)
+        except RunInterrupted:
+            if initial is not None:  # stopped before this run's first checkpoint: save where it started
+                save_checkpoint(run.out / "checkpoint.pt", initial)
+            raise
+        initial = None
         last = global_epoch == total - 1  # not stop - 1: an interrupted run logs what the whole run logs
         if last or (cfg.eval_every and (global_epoch + 1) % cfg.eval_every == 0):
             row["knn_top1"] = evaluate_knn(run)
@@ -268,6 +319,8 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
                                                 for k, v in row.items()})
         write_metrics(metrics_path, row, board)
         save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
+        if global_epoch + 1 < stop:
+            raise_if_stopping(f"the end of epoch {global_epoch}", run.out / "checkpoint.pt", global_epoch + 1)
     if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
         row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
         write_metrics(metrics_path, row, board)

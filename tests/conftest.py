@@ -58,3 +58,10 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(trained_run: Path) -> Path:
     return trained_run / "checkpoint.pt"
+
+
+@pytest.fixture
+def keep_determinism_setting():
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)  # deterministic=True switches it on for the whole process

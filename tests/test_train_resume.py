@@ -40,13 +40,6 @@ def run_in_process(out: Path, resume: bool = False) -> None:
     train(cfg, hp, resume=resume)
 
 
-@pytest.fixture
-def keep_determinism_setting():
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)  # deterministic=True switches it on for the whole process
-
-
 def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, report: dict) -> None:
     """SIGKILL ``proc`` as soon as the checkpoint of epoch 0 appears, i.e. while epoch 1 runs."""
     deadline = time.monotonic() + 240

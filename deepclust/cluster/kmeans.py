@@ -54,6 +54,14 @@ def check_cluster_count(k: int, n: int, who: str = "k-means") -> None:
         raise ClusteringError(f"{who}: k = {k} clusters but only {n} samples; pass k <= {n}")
 
 
+def check_finite(x: torch.Tensor, who: str = "k-means") -> None:
+    """Features with NaN or inf (a diverged network) would give meaningless clusters: refuse them."""
+    bad = int((~torch.isfinite(x)).any(1).sum())
+    if bad:
+        raise ClusteringError(f"{who}: {bad} of {x.shape[0]} feature rows are NaN or infinite (the network has "
+                              "diverged); lower lr, or resume from an earlier checkpoint")
+
+
 def with_ones(x: torch.Tensor) -> torch.Tensor:
     """[x, 1]: lets one matrix product add each centroid's -|c|^2 / 2 (no separate bias pass)."""
     return torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), 1)
@@ -138,6 +146,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
         return min(runs, key=lambda r: r.inertia)
     n = x.shape[0]
     check_cluster_count(k, n)
+    check_finite(x)
     gen = torch.Generator().manual_seed(seed)
     x = x.contiguous()
     x_ones = with_ones(x)

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from .kmeans import check_finite
+
 log = logging.getLogger(__name__)
 
 
@@ -16,6 +18,7 @@ def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:
     never an error, so tiny datasets still cluster.
     """
     n, d = x.shape
+    check_finite(x, "PCA")
     cap = min(dim, d, max(1, n - 1))
     if cap < dim:
         log.warning("PCA to %d dimensions instead of %d (features have %d dims, %d samples)", cap, dim, d, n)
