@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepclust.cluster import ClusteringError, kmeans, knn_graph, pca_whiten, split_empty_clusters
+from deepclust.cluster import ClusteringError, kmeans, knn_graph, pca_whiten, split_empty_clusters, split_in_two
 from deepclust.cluster.purify import purify
 from deepclust.config import ConfigError, TrainConfig, parse_overrides, resolve
 from deepclust.methods import METHODS
-from deepclust.methods.odc import split_in_two
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("random", "identical", "zeros", "duplicates", "one_hot", "huge", "tiny")

@@ -16,6 +16,7 @@ from .kmeans import (
     kmeans,
     nearest_centroid,
     split_empty_clusters,
+    split_in_two,
 )
 from .pca import pca_whiten
 from .sampling import balanced_indices
@@ -32,5 +33,5 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 __all__ = [
     "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
     "cluster_count", "cluster_geometry", "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats",
-    "singletons_apart", "size_stats", "split_empty_clusters", "strongly_connected_subgraphs",
+    "singletons_apart", "size_stats", "split_empty_clusters", "split_in_two", "strongly_connected_subgraphs",
 ]

@@ -159,3 +159,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
         centroids = sums / counts.unsqueeze(1).to(x.dtype)
     inertia = float(((x - centroids[assignments]) ** 2).sum())
     return KMeansResult(centroids, assignments, inertia)
+
+
+def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:
+    """A bool mask of one half of the rows of ``x``: 2-means, or a median cut along the 2-means axis when
+    2-means leaves a side with ``min_side`` members or fewer."""
+    result = kmeans(x, 2, iters=10, seed=seed)
+    side = result.assignments == 1
+    if min_side < int(side.sum()) < x.shape[0] - min_side:
+        return side
+    axis = result.centroids[1] - result.centroids[0]
+    if not torch.any(axis != 0):
+        axis = x[0] - x.mean(0) if x.shape[0] > 1 else torch.ones_like(x[0])
+    proj = x @ axis
+    side = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    side[proj.argsort()[x.shape[0] // 2:]] = True
+    return side

@@ -10,7 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import ClusteringError, centroid_sums, cluster_count, kmeans, nearest_centroid, size_stats
+from ..cluster import (
+    ClusteringError,
+    centroid_sums,
+    cluster_count,
+    kmeans,
+    nearest_centroid,
+    size_stats,
+    split_in_two,
+)
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from .base import Batch, EpochContext, Method
@@ -23,22 +31,6 @@ def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.bincount(labels, minlength=k).float()
     w = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
     return w / w.sum()
-
-
-def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:
-    """A bool mask of one half of the rows of ``x``: 2-means, or a median cut along the 2-means axis when
-    2-means leaves a side with ``min_side`` members or fewer."""
-    result = kmeans(x, 2, iters=10, seed=seed)
-    side = result.assignments == 1
-    if min_side < int(side.sum()) < x.shape[0] - min_side:
-        return side
-    axis = result.centroids[1] - result.centroids[0]
-    if not torch.any(axis != 0):
-        axis = x[0] - x.mean(0) if x.shape[0] > 1 else torch.ones_like(x[0])
-    proj = x @ axis
-    side = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    side[proj.argsort()[x.shape[0] // 2:]] = True
-    return side
 
 
 class ODC(Method):
