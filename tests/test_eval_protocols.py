@@ -71,3 +71,42 @@ def test_eval_fewshot_cli_reports_both_shots(trained_checkpoint, capsys):
         assert 0 < got[f"fewshot_5way_{shots}shot_ci95"] < 10
     assert got["fewshot_5way_5shot"] > got["fewshot_5way_1shot"]
     assert got["fewshot_episodes"] == 100
+
+
+# --- long-tail subset ----------------------------------------------------------------------------
+
+
+def test_long_tail_subset_has_the_requested_class_ratios(tmp_path):
+    from deepclust.data import load_data, long_tail_counts
+
+    labels = np.repeat(np.arange(10), 130)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bal.npz", images=rng.integers(0, 256, (1300, 8, 8), dtype=np.uint8), labels=labels)
+    data = load_data(str(tmp_path / "bal.npz"), subset_imbalance=64, subset_seed=1)
+    counts = torch.bincount(data.labels, minlength=10).tolist()
+    assert counts == long_tail_counts([130] * 10, 64)
+    assert counts[0] == 130 and counts[-1] == 2 and counts == sorted(counts, reverse=True)
+    # exponential profile: each class keeps 64^(-1/9) of the one before, up to rounding
+    for c in range(10):
+        assert counts[c] == pytest.approx(130 * 64 ** (-c / 9), abs=0.5)
+    assert long_tail_counts([128] * 7, 64) == [128, 64, 32, 16, 8, 4, 2]  # ratio exactly 64
+    assert long_tail_counts([50, 40, 60], 1) == [40, 40, 40]
+    # reproducible from the seed; another seed draws other images of the same counts
+    again = load_data(str(tmp_path / "bal.npz"), subset_imbalance=64, subset_seed=1)
+    other = load_data(str(tmp_path / "bal.npz"), subset_imbalance=64, subset_seed=2)
+    assert torch.equal(again.images, data.images)
+    assert torch.bincount(other.labels).tolist() == counts and not torch.equal(other.images, data.images)
+
+
+def test_long_tail_subset_trains_on_the_imbalanced_set_and_tests_on_the_balanced_one(tmp_path, capsys):
+    from deepclust.data import DataError, load_data, load_train_test
+
+    train, test = load_train_test("digits", subset_imbalance=16)
+    counts = torch.bincount(train.labels).tolist()
+    assert max(counts) / min(counts) == pytest.approx(16, rel=0.05)
+    assert len(test) == 359  # the whole balanced test split
+    np.savez(tmp_path / "u.npz", images=np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="needs class labels"):
+        load_data(str(tmp_path / "u.npz"), subset_imbalance=4)
+    rc = main(["train", "--method", "npid", "--data", "digits", "--out", str(tmp_path / "r"), "subset_imbalance=0.5"])
+    assert rc == 2 and "subset_imbalance must be at least 1" in capsys.readouterr().err
