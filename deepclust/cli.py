@@ -62,13 +62,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "feature": "pooled" if args.protocol == "linear" else feature}
     if args.protocol in ("knn", "all"):
         result["k"] = args.k
+    if args.protocol in ("linear", "all") and args.layers:
+        result["layer_dim"] = args.layer_dim
     if args.protocol in ("cluster", "all"):
         result["cluster_on"] = args.cluster_on
     if args.protocol in ("fewshot", "all"):
         result.update(fewshot_queries=args.queries, fewshot_episodes=args.episodes, seed=args.seed)
     result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau,
                                     args.cluster_on, args.ways, tuple(args.shots), args.queries, args.episodes,
-                                    args.seed))
+                                    args.seed, tuple(args.layers.split(",")) if args.layers else (),
+                                    args.layer_dim))
     if args.json:
         print(json.dumps(result))
     else:
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=float, default=0.1)
     e.add_argument("--cluster-on", choices=("test", "train+test"), default="test",
                    help="images the cluster protocol clusters (train+test: the clustering papers' protocol)")
+    e.add_argument("--layers", help="linear: also probe each stage, 'all' or names (e.g. layer1,layer4)")
+    e.add_argument("--layer-dim", type=int, default=2048,
+                   help="--layers: stage features are average-pooled to about this many dimensions")
     e.add_argument("--ways", type=int, default=5, help="fewshot: classes per episode (at most the test classes)")
     e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="fewshot: support images per class")
     e.add_argument("--queries", type=int, default=15, help="fewshot: query images per class and episode")

@@ -110,3 +110,45 @@ def test_long_tail_subset_trains_on_the_imbalanced_set_and_tests_on_the_balanced
         load_data(str(tmp_path / "u.npz"), subset_imbalance=4)
     rc = main(["train", "--method", "npid", "--data", "digits", "--out", str(tmp_path / "r"), "subset_imbalance=0.5"])
     assert rc == 2 and "subset_imbalance must be at least 1" in capsys.readouterr().err
+
+
+# --- per-layer probes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, dims", [
+    # ConvNet width 8 on 32 px: 8 ch at 32x32 -> 16x16 grid, 16 at 16 -> 11x11, 32 at 8 -> 8x8, 64 at 4 -> 4x4
+    ("convnet", {"block1": 2048, "block2": 1936, "block3": 2048, "block4": 1024}),
+    ("resnet18_cifar", {"layer1": 64 * 6 * 6, "layer2": 128 * 4 * 4, "layer3": 256 * 3 * 3, "layer4": 512 * 2 * 2}),
+    ("alexnet_bn", {"conv1": 96 * 5 * 5, "conv2": 256 * 3 * 3, "conv3": 384 * 2 * 2, "conv4": 384 * 2 * 2,
+                    "conv5": 256 * 3 * 3}),
+])
+def test_layer_features_shapes_and_last_stage_matches_pooled_features(name, dims):
+    from deepclust.backbones import Backbone
+    from deepclust.eval import extract_features
+    from deepclust.eval.layers import layer_features
+
+    torch.manual_seed(0)
+    model = Backbone(name, 32, width=8).train()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=gen(5))
+    feats = layer_features(model, images)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {k: (5, d) for k, d in dims.items()}
+    assert model.training  # mode restored
+    last = list(dims)[-1]
+    if name != "alexnet_bn":  # AlexNet max-pools after conv5: its pooled features are not conv5's mean
+        # a 1x1 grid of the last stage is the trunk's global average pool: the hooks sit on the right modules
+        one = layer_features(model, images, [last], target_dim=1)[last]
+        torch.testing.assert_close(one, extract_features(model, images, "pooled", normalize=False),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_eval_linear_layers_all_probes_each_stage(trained_checkpoint, capsys):
+    got = run_json(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", "digits", "--protocol", "linear",
+                   "--layers", "all", "--layer-dim", "512")
+    stages = ["block1", "block2", "block3", "block4"]
+    assert list(got["layer_dims"]) == stages and got["layer_dim"] == 512
+    for stage in stages:
+        assert 30 < got[f"linear_top1_{stage}"] <= 100  # digits' stages are linearly informative (chance 10%)
+    assert 30 < got["linear_top1"] <= 100
+    rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--protocol", "linear",
+               "--layers", "conv9"])
+    assert rc == 2 and "unknown layer(s) ['conv9'] of convnet; choose from block1" in capsys.readouterr().err
