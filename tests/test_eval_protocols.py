@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_npz
 
+from deepclust.backbones import Backbone
 from deepclust.cli import main
-from deepclust.eval import fewshot_accuracy
+from deepclust.data import DataError, load_data, load_train_test, long_tail_counts
+from deepclust.eval import extract_features, fewshot_accuracy
+from deepclust.eval.layers import layer_features
 
 
 def gen(seed: int) -> torch.Generator:
@@ -77,8 +81,6 @@ def test_eval_fewshot_cli_reports_both_shots(trained_checkpoint, capsys):
 
 
 def test_long_tail_subset_has_the_requested_class_ratios(tmp_path):
-    from deepclust.data import load_data, long_tail_counts
-
     labels = np.repeat(np.arange(10), 130)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "bal.npz", images=rng.integers(0, 256, (1300, 8, 8), dtype=np.uint8), labels=labels)
@@ -99,8 +101,6 @@ def test_long_tail_subset_has_the_requested_class_ratios(tmp_path):
 
 
 def test_long_tail_subset_trains_on_the_imbalanced_set_and_tests_on_the_balanced_one(tmp_path, capsys):
-    from deepclust.data import DataError, load_data, load_train_test
-
     train, test = load_train_test("digits", subset_imbalance=16)
     counts = torch.bincount(train.labels).tolist()
     assert max(counts) / min(counts) == pytest.approx(16, rel=0.05)
@@ -123,10 +123,6 @@ def test_long_tail_subset_trains_on_the_imbalanced_set_and_tests_on_the_balanced
                     "conv5": 256 * 3 * 3}),
 ])
 def test_layer_features_shapes_and_last_stage_matches_pooled_features(name, dims):
-    from deepclust.backbones import Backbone
-    from deepclust.eval import extract_features
-    from deepclust.eval.layers import layer_features
-
     torch.manual_seed(0)
     model = Backbone(name, 32, width=8).train()
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=gen(5))
@@ -152,3 +148,43 @@ def test_eval_linear_layers_all_probes_each_stage(trained_checkpoint, capsys):
     rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--protocol", "linear",
                "--layers", "conv9"])
     assert rc == 2 and "unknown layer(s) ['conv9'] of convnet; choose from block1" in capsys.readouterr().err
+
+
+# --- all protocols, transfer ---------------------------------------------------------------------
+
+
+def test_eval_all_writes_every_protocol_in_one_json(trained_checkpoint, capsys):
+    got = run_json(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", "digits", "--protocol", "all",
+                   "--episodes", "50", "--shots", "1")
+    assert got["protocol"] == "all" and "skipped" not in got
+    assert 20 < got["knn_top1"] <= 100 and 20 < got["linear_top1"] <= 100
+    assert 0 < got["nmi"] <= 1 and 20 < got["fewshot_5way_1shot"] <= 100
+    assert "linear_top1_block1" not in got  # stages only with --layers
+
+
+def test_eval_transfers_a_backbone_to_other_data_and_skips_what_it_cannot_run(tmp_path, capsys):
+    source = tiny_npz(tmp_path)  # 4 classes of 16 px colour-and-bar images
+    assert main(["train", "--method", "npid", "--data", source, "--test-data", source, "--backbone", "convnet",
+                 "--epochs", "1", "--out", str(tmp_path / "run"), "width=8", "batch_size=32", "progress=false"]) == 0
+    capsys.readouterr()
+    for split in ("train", "test"):  # the target: digits (10 classes, 32 px, resized to the checkpoint's 16)
+        digits = load_data(f"digits:{split}")
+        np.savez(tmp_path / f"digits_{split}.npz", images=digits.images.permute(0, 2, 3, 1).numpy(),
+                 labels=digits.labels.numpy())
+    got = run_json(capsys, "eval", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data",
+                   tmp_path / "digits_train.npz", "--test-data", tmp_path / "digits_test.npz", "--protocol", "all",
+                   "--episodes", "50")
+    assert got["test_data"] == str(tmp_path / "digits_test.npz")
+    assert 30 < got["knn_top1"] <= 100 and 30 < got["linear_top1"] <= 100  # chance is 10% on digits
+    assert 20 < got["fewshot_5way_5shot"] <= 100
+    # 3 test images per class cannot fill a 1-shot episode with 15 queries: --protocol all skips it, says why
+    small = np.load(source)
+    np.savez(tmp_path / "small.npz", images=small["images"][:12], labels=small["labels"][:12])
+    got = run_json(capsys, "eval", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data", source,
+                   "--test-data", tmp_path / "small.npz", "--protocol", "all", "--shots", "1")
+    assert "knn_top1" in got and not any(k.startswith("fewshot_4way") for k in got)
+    assert got["skipped"] == ["fewshot 1-shot: 4-way 1-shot episodes with 15 queries need 4 classes of at least "
+                              "16 images; the data has 0; lower ways, shots or queries"]
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", source, "--test-data",
+               str(tmp_path / "small.npz"), "--protocol", "fewshot"])
+    assert rc == 2 and "few-shot on" in capsys.readouterr().err
