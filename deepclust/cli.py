@@ -50,6 +50,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.layers and args.protocol not in ("linear", "all"):
+        raise ConfigError(f"--layers probes stages with the linear protocol; use --protocol linear or all, not "
+                          f"{args.protocol}")
     payload = load_checkpoint(args.checkpoint)
     device = torch.device(args.device)
     model = backbone_from_checkpoint(payload).to(device)

@@ -148,6 +148,8 @@ def test_eval_linear_layers_all_probes_each_stage(trained_checkpoint, capsys):
     rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--protocol", "linear",
                "--layers", "conv9"])
     assert rc == 2 and "unknown layer(s) ['conv9'] of convnet; choose from block1" in capsys.readouterr().err
+    rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--layers", "all"])
+    assert rc == 2 and "use --protocol linear or all, not knn" in capsys.readouterr().err
 
 
 # --- all protocols, transfer ---------------------------------------------------------------------
