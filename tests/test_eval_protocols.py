@@ -56,6 +56,9 @@ def test_fewshot_more_shots_help_on_noisy_clusters_and_seed_fixes_the_draws():
     assert five["mean"] - five["ci95"] > one["mean"] + one["ci95"]  # prototypes of 5 beat single images
     assert fewshot_accuracy(feats, labels, ways=5, shots=1, episodes=300, seed=7) == one
     assert fewshot_accuracy(feats, labels, ways=5, shots=1, episodes=300, seed=8) != one
+    # cosine throughout: rescaling each image's feature changes nothing (raw-mean prototypes would change)
+    scale = torch.rand(180, 1, generator=gen(4)) * 20 + 0.05
+    assert fewshot_accuracy(feats * scale, labels, ways=5, shots=5, episodes=300, seed=7) == pytest.approx(five)
 
 
 def test_fewshot_refuses_episodes_the_data_cannot_fill():
