@@ -19,7 +19,7 @@ from .commands import export as export_command
 from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
-from .eval import evaluate_backbone, extract_features
+from .eval import PROTOCOLS, evaluate_backbone, extract_features
 from .safety import RunError, RunInterrupted
 
 log = logging.getLogger("deepclust")
@@ -50,6 +50,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.layers and args.protocol not in ("linear", "all"):
+        raise ConfigError(f"--layers probes stages with the linear protocol; use --protocol linear or all, not "
+                          f"{args.protocol}")
     payload = load_checkpoint(args.checkpoint)
     device = torch.device(args.device)
     model = backbone_from_checkpoint(payload).to(device)
@@ -58,13 +61,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
     feature = args.feature or payload["eval_feature"]
     result = {"checkpoint": str(args.checkpoint), "method": payload["method"], "protocol": args.protocol,
+              "data": args.data, "test_data": test.name,
               "feature": "pooled" if args.protocol == "linear" else feature}
-    if args.protocol == "knn":
+    if args.protocol in ("knn", "all"):
         result["k"] = args.k
-    if args.protocol == "cluster":
+    if args.protocol in ("linear", "all") and args.layers:
+        result["layer_dim"] = args.layer_dim
+    if args.protocol in ("cluster", "all"):
         result["cluster_on"] = args.cluster_on
+    if args.protocol in ("fewshot", "all"):
+        result.update(fewshot_queries=args.queries, fewshot_episodes=args.episodes, seed=args.seed)
     result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau,
-                                    args.cluster_on))
+                                    args.cluster_on, args.ways, tuple(args.shots), args.queries, args.episodes,
+                                    args.seed, tuple(args.layers.split(",")) if args.layers else (),
+                                    args.layer_dim))
     if args.json:
         print(json.dumps(result))
     else:
@@ -122,12 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--test-data")
-    e.add_argument("--protocol", choices=("knn", "linear", "cluster"), default="knn")
+    e.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="knn",
+                   help="all: every protocol the data allows, one JSON")
     e.add_argument("--feature", choices=("embedding", "pooled"))
     e.add_argument("--k", type=int, default=200)
     e.add_argument("--tau", type=float, default=0.1)
     e.add_argument("--cluster-on", choices=("test", "train+test"), default="test",
                    help="images the cluster protocol clusters (train+test: the clustering papers' protocol)")
+    e.add_argument("--layers", help="linear: also probe each stage, 'all' or names (e.g. layer1,layer4)")
+    e.add_argument("--layer-dim", type=int, default=2048,
+                   help="--layers: stage features are average-pooled to about this many dimensions")
+    e.add_argument("--ways", type=int, default=5, help="fewshot: classes per episode (at most the test classes)")
+    e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="fewshot: support images per class")
+    e.add_argument("--queries", type=int, default=15, help="fewshot: query images per class and episode")
+    e.add_argument("--episodes", type=int, default=600, help="fewshot: episodes averaged")
+    e.add_argument("--seed", type=int, default=0, help="fewshot: seed of the episode draws")
     e.add_argument("--device", default="cpu")
     e.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
     e.add_argument("--json", action="store_true")

@@ -36,6 +36,7 @@ class TrainConfig:
     image_size: int | None = None  # default: the source's own size
     subset: int | None = None  # a fixed random subset of the training images
     test_subset: int | None = None
+    subset_imbalance: float | None = None  # a long-tailed training subset: largest / smallest class (ODC: 64)
     bad_images: str = "fail"  # fail | skip
     num_workers: int = 0
     # optimisation (METHODS.md)
@@ -165,6 +166,9 @@ def check_choices(merged: dict[str, Any]) -> None:
         if key in merged and merged[key] not in valid:
             raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "
                               f"{', '.join(str(v) for v in valid if v is not None)}")
+    if merged.get("subset_imbalance") is not None and merged["subset_imbalance"] < 1:
+        raise ConfigError(f"subset_imbalance must be at least 1 (largest / smallest class), got "
+                          f"{merged['subset_imbalance']}")
     for key in ("epochs", "rounds", "batch_size"):
         if key in merged and merged[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {merged[key]}")

@@ -310,6 +310,29 @@ def parse_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
     return "folder", spec, default_split
 
 
+def long_tail_counts(class_sizes: list[int], ratio: float) -> list[int]:
+    """Images kept per class for a long-tailed subset: class c of C keeps n_max * ratio^(-c / (C - 1)) (the
+    exponential profile of the long-tail literature, e.g. CIFAR-10-LT), n_max the smallest class's size, so
+    that the largest to smallest count is ``ratio`` up to rounding."""
+    if ratio < 1:
+        raise DataError(f"subset_imbalance={ratio} must be at least 1 (the largest to smallest class ratio)")
+    top, last = min(class_sizes), max(len(class_sizes) - 1, 1)
+    return [max(1, round(top * ratio ** (-c / last))) for c in range(len(class_sizes))]
+
+
+def long_tail_subset(data: ImageData, ratio: float, seed: int = 0) -> ImageData:
+    """A class-imbalanced subset (``long_tail_counts``; class 0 the largest), its images drawn with ``seed``."""
+    if data.labels is None:
+        raise DataError(f"{data.name}: subset_imbalance needs class labels (class subfolders or 'labels'); drop "
+                        "subset_imbalance for unlabelled data")
+    classes = data.labels.unique().tolist()
+    members = [torch.nonzero(data.labels == c).flatten() for c in classes]
+    gen = torch.Generator().manual_seed(seed)
+    keep = [m[torch.randperm(m.numel(), generator=gen)[:n]]
+            for m, n in zip(members, long_tail_counts([m.numel() for m in members], ratio), strict=True)]
+    return data.subset(torch.cat(keep).sort().values)
+
+
 def load_data(
     spec: str,
     split: str = "train",
@@ -317,8 +340,13 @@ def load_data(
     bad_images: str = "fail",
     subset: int | None = None,
     subset_seed: int = 0,
+    subset_imbalance: float | None = None,
 ) -> ImageData:
-    """Load any supported source as an in-memory ``ImageData``; see the module docstring."""
+    """Load any supported source as an in-memory ``ImageData``; see the module docstring.
+
+    ``subset`` keeps a fixed random subset; ``subset_imbalance`` then a long-tailed one (``long_tail_subset``,
+    ODC's protocol with ratio 64).
+    """
     if bad_images not in ("fail", "skip"):
         raise DataError(f"bad_images must be 'fail' or 'skip', not {bad_images!r}")
     kind, root, split = parse_spec(spec, split)
@@ -363,6 +391,8 @@ def load_data(
     if subset is not None and subset < len(data):
         gen = torch.Generator().manual_seed(subset_seed)
         data = data.subset(torch.randperm(len(data), generator=gen)[:subset].sort().values)
+    if subset_imbalance is not None:
+        data = long_tail_subset(data, subset_imbalance, subset_seed)
     size = image_size or min(data.images.shape[-2:])
     data.images = square_uint8(data.images, size)
     log.info("loaded %s: %d images of %dx%d%s", data.name, len(data), size, size,
@@ -387,10 +417,12 @@ def default_test_spec(spec: str) -> str | None:
 
 
 def load_train_test(spec: str, test_spec: str | None = None, image_size: int | None = None, bad_images: str = "fail",
-                    subset: int | None = None, test_subset: int | None = None) -> tuple[ImageData, ImageData | None]:
+                    subset: int | None = None, test_subset: int | None = None,
+                    subset_imbalance: float | None = None) -> tuple[ImageData, ImageData | None]:
     """A training source and its test data (``test_spec``, else the split that belongs with ``spec``, else
-    None), the test images at the training images' size."""
-    train = load_data(spec, "train", image_size, bad_images, subset)
+    None), the test images at the training images' size. ``subset_imbalance`` applies to the training
+    images only: the test set stays balanced."""
+    train = load_data(spec, "train", image_size, bad_images, subset, subset_imbalance=subset_imbalance)
     test_spec = test_spec or default_test_spec(spec)
     test = load_data(test_spec, "test", image_size or train.image_size, bad_images, test_subset) if test_spec else None
     return train, test

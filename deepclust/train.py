@@ -132,7 +132,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         log.info("training on the CPU with %d torch thread(s), %s", threads,
                  "bf16 autocast" if cfg.amp and native_bf16(device) else "float32")
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
-                                 cfg.test_subset)
+                                 cfg.test_subset, cfg.subset_imbalance)
     if payload is not None and payload["num_samples"] != len(data):
         raise CheckpointError(f"{ckpt_path} was trained on {payload['num_samples']} samples, --data has "
                               f"{len(data)}; resume with the same data")

@@ -40,7 +40,8 @@ def load_cluster_data(payload: dict[str, Any], spec: str | None, bad_images: str
     size = payload["backbone"]["image_size"]
     if not training:
         return load_data(spec, "train", size, bad_images), False
-    data = load_data(cfg["data"], "train", size, cfg.get("bad_images", bad_images), cfg.get("subset"))
+    data = load_data(cfg["data"], "train", size, cfg.get("bad_images", bad_images), cfg.get("subset"),
+                     subset_imbalance=cfg.get("subset_imbalance"))
     if len(data) != payload["num_samples"]:
         raise CheckpointError(f"the run was trained on {payload['num_samples']} images of {cfg['data']}, which now "
                               f"holds {len(data)}; pass --k K to cluster the images as they are now")

@@ -7,23 +7,35 @@ from typing import Any
 import torch
 
 from ..backbones import Backbone
+from ..config import ConfigError
 from ..data import DataError, ImageData
 from .clustering import cluster_metrics
 from .features import extract_features
+from .fewshot import fewshot_accuracy
 from .knn import knn_accuracy
+from .layers import LAYER_TARGET_DIM, layer_features
 from .linear import linear_probe
 
-PROTOCOLS = ("knn", "linear", "cluster")
+PROTOCOLS = ("knn", "linear", "cluster", "fewshot")
 CLUSTER_ON = ("test", "train+test")
 
 
 def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, feature: str,
                       protocols: tuple[str, ...] = PROTOCOLS, device: torch.device | str = "cpu",
-                      knn_k: int = 200, knn_tau: float = 0.1, cluster_on: str = "test") -> dict[str, Any]:
-    """kNN top-1 (``feature``, k, tau), linear top-1 (pooled, frozen) and clustering NMI/ARI/accuracy
+                      knn_k: int = 200, knn_tau: float = 0.1, cluster_on: str = "test", fewshot_ways: int = 5,
+                      fewshot_shots: tuple[int, ...] = (1, 5), fewshot_queries: int = 15,
+                      fewshot_episodes: int = 600, seed: int = 0, layers: tuple[str, ...] = (),
+                      layer_dim: int = LAYER_TARGET_DIM) -> dict[str, Any]:
+    """kNN top-1 (``feature``, k, tau), linear top-1 (pooled, frozen), clustering NMI/ARI/accuracy
     (k-means with the true class count on the ``feature`` of the test images, or with ``cluster_on =
     "train+test"`` of training and test images together, the clustering papers' protocol as in PAD's
-    Table 2), whichever ``protocols`` asks for."""
+    Table 2) and few-shot accuracy (episodes drawn from the test images' ``feature``, ways capped at the
+    test classes; ``fewshot_{N}way_{K}shot`` and its ``_ci95``), whichever ``protocols`` asks for;
+    ``("all",)`` runs each one the data allows and lists the others under ``skipped``. With ``layers``
+    (stage names, or ``("all",)``) the linear protocol also probes each stage's features pooled to about
+    ``layer_dim`` dimensions (``linear_top1_<stage>``; the dimensions under ``layer_dims``)."""
+    strict = protocols != ("all",)  # "all": every protocol the data allows; the others are listed as skipped
+    protocols = PROTOCOLS if not strict else protocols
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
@@ -38,13 +50,34 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
         return extract_features(model, data.images, kind, device=device, image_size=size, normalize=normalize)
 
     ytr, yte = train.labels.to(device), test.labels.to(device)
-    test_feats = feats(test, feature) if {"knn", "cluster"} & set(protocols) else None
+    test_feats = feats(test, feature) if {"knn", "cluster", "fewshot"} & set(protocols) else None
     if "knn" in protocols:
         out["knn_top1"] = knn_accuracy(test_feats, yte, feats(train, feature), ytr, knn_k, knn_tau)
     if "linear" in protocols:
         out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte)
+    if "linear" in protocols and layers:
+        names = None if tuple(layers) == ("all",) else list(layers)
+        try:
+            train_layers, test_layers = (layer_features(model, d.images, names, layer_dim, device, size)
+                                         for d in (train, test))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        out["layer_dims"] = {name: f.shape[1] for name, f in train_layers.items()}
+        for name, f in train_layers.items():
+            out[f"linear_top1_{name}"] = linear_probe(f, ytr, test_layers[name], yte)
     if "cluster" in protocols and cluster_on == "train+test":
         out.update(cluster_metrics(torch.cat((feats(train, feature), test_feats)), torch.cat((ytr, yte))))
     elif "cluster" in protocols:
         out.update(cluster_metrics(test_feats, yte))
+    if "fewshot" in protocols:
+        ways = min(fewshot_ways, int(yte.unique().numel()))
+        for shots in fewshot_shots:
+            try:
+                score = fewshot_accuracy(test_feats, yte, ways, shots, fewshot_queries, fewshot_episodes, seed)
+            except ValueError as err:
+                if strict:
+                    raise DataError(f"few-shot on {test.name}: {err}") from err
+                out.setdefault("skipped", []).append(f"fewshot {shots}-shot: {err}")
+                continue
+            out[f"fewshot_{ways}way_{shots}shot"], out[f"fewshot_{ways}way_{shots}shot_ci95"] = score.values()
     return out
