@@ -321,6 +321,10 @@ def aggregate(method: str, runs: list[dict]) -> dict[str, Any]:
     row["other_cores"] = max((r["other_cores"] for r in runs if r.get("other_cores") is not None), default=None)
     for key in ("knn_curve", "label_change_curve"):
         row[key], row[f"{key}_std"] = mean_curve([r.get(key) or [] for r in ok])
+    paired = [r["knn_top1"] - r["knn_untrained"] for r in ok
+              if r.get("knn_top1") is not None and r.get("knn_untrained") is not None]
+    if ok and len(paired) == len(ok):  # every seed measured its own network before training
+        row["knn_gain_paired"], row["knn_gain_paired_std"] = mean_std(paired)
     return row
 
 
@@ -338,6 +342,10 @@ def add_comparisons(rows: list[dict]) -> float | None:
         views = r.get("views") or 1
         r["ratio_per_view"] = r["ratio_to_supervised"] / views if views == 2 and r["ratio_to_supervised"] else None
         r["paper_knn"] = PAPER_KNN.get(r["method"])
+        if r.get("knn_gain_paired") is not None:  # against the same networks before training, same feature
+            r["knn_gain"], r["knn_gain_spread"], r["knn_gain_paired"] = (r["knn_gain_paired"],
+                                                                         r.get("knn_gain_paired_std"), True)
+            continue
         if base is None or r is base or r.get("knn_top1") is None or base.get("knn_top1") is None:
             r["knn_gain"] = r["knn_gain_spread"] = None
             continue
@@ -365,11 +373,12 @@ def fmt_gain(row: dict[str, Any]) -> str:
     gain, spread = row.get("knn_gain"), row.get("knn_gain_spread")
     if gain is None:
         return "-"
+    mark = " paired" if row.get("knn_gain_paired") is True else ""
     if spread is None:
-        return f"{gain:+.2f} (spread unknown: one seed)"
+        return f"{gain:+.2f}{mark} (spread unknown: one seed)"
     if abs(gain) <= spread:
-        return f"{gain:+.2f} (within spread {spread:.2f})"
-    return f"{gain:+.2f} ({abs(gain) / spread:.1f}x spread)" if spread > 0 else f"{gain:+.2f}"
+        return f"{gain:+.2f}{mark} (within spread {spread:.2f})"
+    return f"{gain:+.2f}{mark} ({abs(gain) / spread:.1f}x spread)" if spread > 0 else f"{gain:+.2f}{mark}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -428,8 +437,10 @@ def markdown(summary: dict[str, Any]) -> str:
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         lines += [""] + [f"FAILED: {r['method']} ({'; '.join(r['errors'])})" for r in failed]
-    lines += ["", "kNN / linear / acc in %; NMI, ARI in [0, 1] (ARI in [-1, 1]). kNN vs untrained: the difference "
-              f"from the `{UNTRAINED}` row, and how many times the spread (the sum of the two rows' seed std) it is; "
+    lines += ["", "kNN / linear / acc in %; NMI, ARI in [0, 1] (ARI in [-1, 1]). kNN vs untrained: 'paired' is the "
+              "mean over seeds of each run's kNN minus that of its own network before training (the trainer's "
+              "baseline row: same seed, same feature), against the std of those differences; otherwise the "
+              f"difference from the `{UNTRAINED}` row (pooled features), against the sum of the two rows' seed std. "
               "'within spread' marks a difference no larger than the spread. epoch s: median of the trainer's "
               "per-epoch `time` (targets + steps, no kNN pass). ratio per view: for 2-view methods. "
               f"{PAPER_KNN_HEADER}: published CIFAR-10 ResNet-18 numbers (METHODS.md); comparable only with the "

@@ -60,3 +60,20 @@ def test_merge_pools_seeds_and_marks_gains_against_the_seed_spread(tmp_path):
     table = (tmp_path / "merged" / "results.md").read_text()
     assert "| npid | 42.00 ± 2.00 | +11.00 (3.7x spread) |" in table
     assert "| odc | 31.00 ± 1.73 | +0.00 (within spread 2.73) |" in table
+
+
+def test_gain_is_paired_with_each_seeds_own_untrained_network_when_logged(tmp_path):
+    import json
+
+    from benchmarks.run import merge_runs
+
+    runs = [fake_run("random", s, 31.0) for s in range(3)]
+    for seed, (knn, before) in enumerate(((40.0, 30.0), (44.0, 33.0), (42.0, 30.0))):
+        runs.append({**fake_run("is", seed, knn), "knn_untrained": before})  # the trainer's baseline row
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(fake_summary(runs)))
+    merge_runs([str(tmp_path / "run")], tmp_path / "merged")
+    row = next(r for r in json.loads((tmp_path / "merged" / "results.json").read_text())["methods"]
+               if r["method"] == "is")
+    assert row["knn_gain"] == 11.0 and row["knn_gain_spread"] == 1.0  # differences 10, 11, 12
+    assert "| is | 42.00 ± 2.00 | +11.00 paired (11.0x spread) |" in (tmp_path / "merged" / "results.md").read_text()
