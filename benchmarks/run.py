@@ -65,7 +65,7 @@ def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[l
     Returns (layers, applied per-method override, dropped override keys). Override keys the method
     does not accept are dropped (resolve() would reject them) and reported, never passed.
     """
-    from deepclust.config import TrainConfig, field_types
+    from deepclust.config import TrainConfig, field_types, parse_overrides
     from deepclust.methods import METHODS
 
     spec = PROFILES[profile]
@@ -88,19 +88,12 @@ def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[l
             raise ValueError("--max-epochs needs the trainer key stop_after, which this deepclust lacks; "
                              "use --epochs")
         cli["stop_after"] = args.max_epochs
-    extra = parse_sets(args.set or [])
+    extra = parse_overrides(args.set or [])
     unknown = sorted(k for k in extra if k not in valid)
     if unknown:  # a --set key this method lacks applies to the methods that have it
         dropped += [f"{k} (--set)" for k in unknown]
     cli.update({k: v for k, v in extra.items() if k in valid})
     return [base, applied, cli], applied, dropped
-
-
-def parse_sets(pairs: list[str]) -> dict[str, str]:
-    """``--set key=value`` pairs, as the ``deepclust train`` command line takes them."""
-    from deepclust.config import parse_overrides
-
-    return parse_overrides(pairs)
 
 
 def unit_dir(out: str | Path, method: str, seed: int | None) -> Path:
@@ -323,8 +316,9 @@ def aggregate(method: str, runs: list[dict]) -> dict[str, Any]:
         row[key], row[f"{key}_std"] = mean_curve([r.get(key) or [] for r in ok])
     paired = [r["knn_top1"] - r["knn_untrained"] for r in ok
               if r.get("knn_top1") is not None and r.get("knn_untrained") is not None]
-    if ok and len(paired) == len(ok):  # every seed measured its own network before training
-        row["knn_gain_paired"], row["knn_gain_paired_std"] = mean_std(paired)
+    row["knn_gain_paired"] = bool(ok) and len(paired) == len(ok)  # every seed measured its network untrained
+    if row["knn_gain_paired"]:
+        row["knn_gain"], row["knn_gain_spread"] = mean_std(paired)
     return row
 
 
@@ -342,9 +336,7 @@ def add_comparisons(rows: list[dict]) -> float | None:
         views = r.get("views") or 1
         r["ratio_per_view"] = r["ratio_to_supervised"] / views if views == 2 and r["ratio_to_supervised"] else None
         r["paper_knn"] = PAPER_KNN.get(r["method"])
-        if r.get("knn_gain_paired") is not None:  # against the same networks before training, same feature
-            r["knn_gain"], r["knn_gain_spread"], r["knn_gain_paired"] = (r["knn_gain_paired"],
-                                                                         r.get("knn_gain_paired_std"), True)
+        if r.get("knn_gain_paired"):  # set by aggregate(): against the same networks before training
             continue
         if base is None or r is base or r.get("knn_top1") is None or base.get("knn_top1") is None:
             r["knn_gain"] = r["knn_gain_spread"] = None
@@ -373,7 +365,7 @@ def fmt_gain(row: dict[str, Any]) -> str:
     gain, spread = row.get("knn_gain"), row.get("knn_gain_spread")
     if gain is None:
         return "-"
-    mark = " paired" if row.get("knn_gain_paired") is True else ""
+    mark = " paired" if row.get("knn_gain_paired") else ""
     if spread is None:
         return f"{gain:+.2f}{mark} (spread unknown: one seed)"
     if abs(gain) <= spread:
