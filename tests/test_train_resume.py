@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_rows
 
 from deepclust.checkpoint import load_checkpoint
 from deepclust.config import TrainConfig, resolve
@@ -57,10 +58,6 @@ def all_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def rows(out: Path) -> list[dict]:
-    """The epochs' rows, without the untrained network's baseline row."""
-    return [r for r in all_rows(out) if not r.get("untrained")]
-
 
 def test_resume_after_kill_mid_epoch_equals_uninterrupted(tmp_path, keep_determinism_setting):
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -80,17 +77,17 @@ def test_resume_after_kill_mid_epoch_equals_uninterrupted(tmp_path, keep_determi
     assert report.get("killed"), (report, output[-3000:])
     assert victim.returncode == -signal.SIGKILL
     # killed during epoch 1: one metrics row, a checkpoint that resumes at epoch 1
-    assert len(rows(killed)) == 1, "the kill did not land in epoch 1"
+    assert len(read_rows(killed)) == 1, "the kill did not land in epoch 1"
     assert load_checkpoint(killed / "checkpoint.pt")["next_epoch"] == 1
 
     # a crash between writing a metrics row and writing its checkpoint leaves a stale row: resume drops it
-    stale = {**rows(killed)[0], "epoch": 1, "global_epoch": 1, "loss": 123.0, "knn_top1": 99.9}
+    stale = {**read_rows(killed)[0], "epoch": 1, "global_epoch": 1, "loss": 123.0, "knn_top1": 99.9}
     with open(killed / "metrics.jsonl", "a") as f:
         f.write(json.dumps(stale) + "\n")
 
     run_in_process(killed, resume=True)
 
-    expected, got = rows(full), rows(killed)
+    expected, got = read_rows(full), read_rows(killed)
     # the untrained network's kNN is measured once, before epoch 0, and survives the resume
     baseline = [r for r in all_rows(full) if r.get("untrained")]
     assert len(baseline) == 1 and baseline[0]["global_epoch"] == -1 and 0 < baseline[0]["knn_top1"] < 100
