@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import read_rows, run_cfg
-from test_train_resume import CONFIG, all_rows, rows, run_in_process
+from test_train_resume import CONFIG, all_rows, run_in_process
 
 from deepclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepclust.cli import main
@@ -63,7 +63,7 @@ def assert_same_run(want: Path, have: Path) -> None:
     """Same metrics (timings aside), same untrained baseline row, same final weights, buffers and momentum."""
     assert [r for r in all_rows(have) if r.get("untrained")] == [r for r in all_rows(want) if r.get("untrained")]
     keys = ("round", "epoch", "global_epoch", "loss", "lr", "knn_top1")
-    assert [{k: r[k] for k in keys} for r in rows(have)] == [{k: r[k] for k in keys} for r in rows(want)]
+    assert [{k: r[k] for k in keys} for r in read_rows(have)] == [{k: r[k] for k in keys} for r in read_rows(want)]
     a, b = load_checkpoint(want / "checkpoint.pt"), load_checkpoint(have / "checkpoint.pt")
     assert a["next_epoch"] == b["next_epoch"] == 3
     assert a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
@@ -92,7 +92,7 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_resume_equals_uninterrupted(
                      rf"{re.escape(str(out))}/checkpoint.pt resumes at epoch 1", output), output[-3000:]
     assert "run the same command with --resume" in output and "Traceback" not in output
     assert load_checkpoint(out / "checkpoint.pt")["next_epoch"] == 1
-    assert [r["global_epoch"] for r in rows(out)] == [0]  # the interrupted epoch left no row
+    assert [r["global_epoch"] for r in read_rows(out)] == [0]  # the interrupted epoch left no row
     assert not (out / LOCK_NAME).exists()
     run_in_process(out, resume=True)
     assert_same_run(reference, out)
@@ -108,7 +108,7 @@ def test_sigint_in_the_first_epoch_saves_the_initial_state_and_resume_equals_uni
     assert proc.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "stopped by SIGINT at round 0 epoch 0 step" in output, output[-3000:]
     assert load_checkpoint(out / "checkpoint.pt")["next_epoch"] == 0  # no epoch finished: the state it started from
-    assert rows(out) == [] and len(all_rows(out)) == 1  # only the untrained baseline
+    assert read_rows(out) == [] and len(all_rows(out)) == 1  # only the untrained baseline
     run_in_process(out, resume=True)
     assert_same_run(reference, out)  # and the baseline row is not written twice
 
