@@ -139,8 +139,28 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Te
 
 
 @dataclass
+class AugmentDraw:
+    """One batch's random augmentation parameters, a row per image (``rows`` keeps a slice of them)."""
+
+    boxes: torch.Tensor  # (n, 4) crop boxes (top, left, h, w)
+    flip: torch.Tensor  # (n,) bool
+    factors: torch.Tensor  # (n, 4) brightness, contrast, saturation, hue
+    jitter: torch.Tensor  # (n,) bool: colour jitter applied
+    order: torch.Tensor  # (n, 4) the jitter ops' order per image
+    to_gray: torch.Tensor  # (n,) bool
+
+    def rows(self, part: slice) -> AugmentDraw:
+        return AugmentDraw(*(t[part] for t in (self.boxes, self.flip, self.factors, self.jitter, self.order,
+                                               self.to_gray)))
+
+
+@dataclass
 class Augment:
-    """Training augmentation of METHODS.md, batched. Call with uint8 (B,3,H,W); returns normalised float."""
+    """Training augmentation of METHODS.md, batched. Call with uint8 (B,3,H,W); returns normalised float.
+
+    ``draw`` then ``apply`` is the same as a call: a distributed run draws the whole global batch's
+    parameters on every rank and applies its own rows, so each image is augmented as in one process.
+    """
 
     size: int
     scale: tuple[float, float] = (0.2, 1.0)
@@ -151,18 +171,12 @@ class Augment:
     flip_p: float = 0.5
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, device = images.shape[0], images.device
-        x = images.float().div_(255)
-        boxes = sample_crop_boxes(n, x.shape[-2], x.shape[-1], self.scale, self.ratio, gen, device)
-        flip = torch.rand(n, generator=gen, device=device) < self.flip_p
-        x = resized_crop(x, boxes, self.size, flip)
-        x = self.color_jitter(x, gen)
-        to_gray = torch.rand(n, generator=gen, device=device) < self.gray_p
-        x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-        return normalize(x)
+        return self.apply(images, self.draw(images.shape[0], images.shape[-2], images.shape[-1], gen, images.device))
 
-    def color_jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, device = x.shape[0], x.device
+    def draw(self, n: int, height: int, width: int, gen: torch.Generator, device) -> AugmentDraw:
+        """The random parameters of ``n`` images of height x width, in the generator order of a call."""
+        boxes = sample_crop_boxes(n, height, width, self.scale, self.ratio, gen, device)
+        flip = torch.rand(n, generator=gen, device=device) < self.flip_p
         b, c, s, h = self.jitter
         factors = torch.stack((
             uniform(n, max(0, 1 - b), 1 + b, gen, device),
@@ -170,14 +184,20 @@ class Augment:
             uniform(n, max(0, 1 - s), 1 + s, gen, device),
             uniform(n, -h, h, gen, device),
         ), 1)
-        apply = torch.rand(n, generator=gen, device=device) < self.jitter_p
+        jitter = torch.rand(n, generator=gen, device=device) < self.jitter_p
         order = torch.rand(n, 4, generator=gen, device=device).argsort(1)  # a random op order per image
+        to_gray = torch.rand(n, generator=gen, device=device) < self.gray_p
+        return AugmentDraw(boxes, flip, factors, jitter, order, to_gray)
+
+    def apply(self, images: torch.Tensor, p: AugmentDraw) -> torch.Tensor:
+        x = resized_crop(images.float().div_(255), p.boxes, self.size, p.flip)
         for step in range(4):
             for op in range(4):
-                rows = torch.nonzero(apply & (order[:, step] == op)).flatten()
+                rows = torch.nonzero(p.jitter & (p.order[:, step] == op)).flatten()
                 if rows.numel():
-                    x[rows] = COLOR_OPS[op](x[rows], factors[rows, op])
-        return x
+                    x[rows] = COLOR_OPS[op](x[rows], p.factors[rows, op])
+        x = torch.where(p.to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+        return normalize(x)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

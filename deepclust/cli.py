@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,9 +26,31 @@ from .safety import RunError, RunInterrupted
 log = logging.getLogger("deepclust")
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
+    """This ``deepclust train`` command line under ``torchrun --standalone`` with ``nproc`` processes."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "deepclust", *rest]
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:
+    from . import distributed
     from .config import parse_overrides
     from .train import train
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and not distributed.launched():
+        return subprocess.call(torchrun_argv(argv, args.nproc))
+    if distributed.launch_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
 
     layers = []
     if args.config:
@@ -37,7 +60,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
                                "init": args.init, "device": args.device}.items() if v is not None}
     layers += [flags, parse_overrides(overrides)]
     cfg, hparams = resolve(layers)
-    row = train(cfg, hparams, resume=args.resume)
+    try:
+        row = train(cfg, hparams, resume=args.resume)
+    finally:
+        distributed.finish()
+    if distributed.launch_rank() != 0:
+        return 0
     knn, untrained = row.get("knn_top1"), row.get("knn_untrained")
     result = (f", kNN top-1 {knn:.2f}%" if knn is not None else " (no kNN: no labelled test data, or a stop "
                                                                  "before the last epoch)")
@@ -127,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--report", action="store_true", help="write OUT/report.html at the end")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine (starts torchrun --standalone; one per GPU, or "
+                        "a few on CPU); for several machines call torchrun yourself (README)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -176,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     bad_flags = [r for r in rest if r.startswith("-")]
     if bad_flags:
         parser.error(f"unrecognised arguments: {' '.join(bad_flags)}")
-    commands = {"train": lambda: cmd_train(args, rest), "eval": lambda: cmd_eval(args),
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": lambda: cmd_train(args, rest, argv), "eval": lambda: cmd_eval(args),
                 "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
                 "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
                 "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args)}

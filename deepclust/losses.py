@@ -51,22 +51,28 @@ def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=1)).mean()
 
 
-def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.1, all1: torch.Tensor | None = None,
+                              all2: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """IS loss on two views (B, d) each, L2-normalised (METHODS.md).
 
     For row i of the 2B stack, e_ij = exp(f_i . sg(f_j) / tau); D_i = sum_{j != i} e_ij; P_i = e_ip / D_i
     with p the other view of the same image; loss = -mean_i(log P_i + sum_{j neg} log(1 - e_ij / D_i)).
+    A batch split across processes passes the whole batch's views as ``all1``, ``all2`` (the candidates j;
+    no gradient flows into them anyway) and where its own rows start in them, ``offset``.
     """
     z = torch.cat((z1, z2)).float()
-    n = z.shape[0]
-    b = n // 2
-    logits = z @ z.detach().t() / tau
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    b = z1.shape[0]
+    candidates = torch.cat((z1 if all1 is None else all1, z2 if all2 is None else all2)).float().detach()
+    whole = candidates.shape[0] // 2
+    logits = z @ candidates.t() / tau
+    rows = torch.arange(2 * b, device=z.device)
+    own = torch.arange(b, device=z.device) + offset
+    self_col, partner = torch.cat((own, own + whole)), torch.cat((own + whole, own))
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, self_col] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_d = torch.logsumexp(logits, dim=1, keepdim=True)
     log_p = logits - log_d  # log(e_ij / D_i)
-    partner = torch.arange(n, device=z.device).roll(b)
-    rows = torch.arange(n, device=z.device)
     log_pos = log_p[rows, partner]
     neg_mask = ~self_mask
     neg_mask[rows, partner] = False

@@ -8,11 +8,13 @@ what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from . import distributed
 from .augment import Augment
 from .backbones import Backbone
 from .board import TensorBoardLog, open_board
@@ -32,13 +35,14 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, as_dict
+from .config import ConfigError, TrainConfig, as_dict
 from .data import ImageData, IndexedImages, load_train_test
-from .eval import evaluate_backbone, extract_features
+from .eval import extract_features, knn_accuracy
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
 from .runtime import choose_threads, native_bf16
 from .safety import (
+    STOP,
     LossGuard,
     RunInterrupted,
     disk_full_is_a_run_error,
@@ -82,9 +86,11 @@ class Run:
     out: Path
     start: int = 0  # next global epoch (round * epochs + epoch)
     images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
+    model: torch.nn.Module | None = None  # what computes the loss: the method, or its DDP wrapper under torchrun
 
     def __post_init__(self):
         self.images = self.data.images
+        self.model = self.model or self.method
         if self.device.type == "cuda" and self.cfg.num_workers == 0:
             self.images = self.images.to(self.device)  # uint8 on the device: augmentation never waits for the host
 
@@ -127,7 +133,11 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = resolve_device(cfg.device)
+    device = distributed.initialise(resolve_device(cfg.device))
+    world = distributed.world_size()
+    if cfg.batch_size < 2 * world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is too small for {world} processes: each needs at least 2 "
+                          f"images of every batch; use batch_size >= {2 * world} or fewer processes")
     if device.type == "cpu":
         log.info("training on the CPU with %d torch thread(s), %s", threads,
                  "bf16 autocast" if cfg.amp and native_bf16(device) else "float32")
@@ -144,12 +154,19 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         backbone.load_state_dict(backbone_from_checkpoint(init).state_dict())
         log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
+    if world > 1:  # BatchNorm statistics over the global batch, as one process would compute them
+        distributed.global_batchnorm(method, device)
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    run = Run(cfg, hparams, method, optimizer, data, test, device, out)
+    model = None
+    if world > 1:  # the bank and labels are replicated and updated from gathered steps, never broadcast per step
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+            find_unused_parameters=True)  # e.g. the embedding head of methods that train on pooled features
+    run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model)
     if payload is not None:
         method.load_state_dict(payload["state"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -161,13 +178,20 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     return run
 
 
+def feature_pass(run: Run, images: torch.Tensor, feature: str, normalize: bool = True) -> torch.Tensor:
+    """Features of every image (eval mode, no augmentation); under torchrun each rank computes its part."""
+    return distributed.sharded_rows(
+        lambda rows: extract_features(run.method.backbone, images[rows], feature, device=run.device,
+                                      image_size=run.data.image_size, normalize=normalize), len(images))
+
+
 def evaluate_knn(run: Run) -> float | None:
     """Weighted kNN top-1 on the test set (train features recomputed without augmentation)."""
     if run.test is None or run.test.labels is None or run.data.labels is None:
         return None
-    result = evaluate_backbone(run.method.backbone, run.data, run.test, run.eval_feature, ("knn",), run.device,
-                               run.cfg.knn_k, run.cfg.knn_tau)
-    return result["knn_top1"]
+    test, train = (feature_pass(run, d.images, run.eval_feature) for d in (run.test, run.data))
+    return knn_accuracy(test, run.test.labels.to(run.device), train, run.data.labels.to(run.device),
+                        run.cfg.knn_k, run.cfg.knn_tau)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
@@ -189,7 +213,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     images = run.images
 
     def extract(feature: str, normalize: bool = True) -> torch.Tensor:
-        return extract_features(method.backbone, images, feature, device=device, normalize=normalize)
+        return feature_pass(run, images, feature, normalize)
 
     ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
                        run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))
@@ -198,7 +222,15 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     t_targets = time.perf_counter() - t0
     if order is None:
         order = torch.randperm(len(images), generator=gen)
-    batches = [b.tolist() for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
+    world = distributed.world_size()
+    if world > 1:  # rank 0's targets and order for all: replicas never drift apart (e.g. by float ties)
+        order = order.to(device)
+        distributed.broadcast_([order])
+        distributed.broadcast_state(method)
+        order = order.cpu()
+    global_batches = [b for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
+    parts = [distributed.local_part(b.numel()) for b in global_batches]  # this rank's rows of each batch
+    batches = [b[part].tolist() for b, part in zip(global_batches, parts, strict=True)]
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
@@ -206,6 +238,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
                                          collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
     augment = Augment(run.data.image_size)
+    height, width = images.shape[-2:]
     use_amp = cfg.amp and native_bf16(device)
     channels_last = cfg.channels_last
     method.train()
@@ -217,21 +250,33 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     for step, (pixels, index) in enumerate(bar):
         where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
         pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        views = [augment(pixels, aug_gen) for _ in range(method.views)]
+        size = len(global_batches[step])  # each view's parameters are drawn for the global batch
+        views = [augment.apply(pixels, augment.draw(size, height, width, aug_gen, device).rows(parts[step]))
+                 for _ in range(method.views)]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         batch = Batch(views, index)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, outputs = method.loss(batch)
+            loss, outputs = run.model(batch)
         run.optimizer.zero_grad(set_to_none=True)
-        if guard.ok(loss, where):
+        if world > 1:  # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
+            loss = loss * (len(index) * world / size)
+            global_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # every rank sees a NaN
+        else:
+            global_loss = loss
+        if guard.ok(global_loss, where):
             loss.backward()
             run.optimizer.step()
+            if world > 1:  # every rank applies the whole global batch's update to its replica of the state
+                outputs = {k: distributed.gather_rows(v.detach()) for k, v in outputs.items()}
+                batch = Batch([], distributed.gather_rows(index))
             method.after_step(batch, outputs)
-            total += loss.detach()
+            total += global_loss.detach()
             steps += 1
         else:
             skipped += 1
+        if world > 1 and distributed.any_rank(STOP.signum is not None, device) and STOP.signum is None:
+            STOP.signum = signal.SIGTERM  # another rank was stopped: all stop after the same step
         raise_if_stopping(where, checkpoint, global_epoch)  # the epoch's checkpoint is the one before it
     guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
@@ -279,37 +324,51 @@ def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any
     The folder is locked against a second run. SIGTERM / SIGINT stop the run after its current step with
     RunInterrupted; the last epoch's checkpoint (on an interrupted first epoch: the initial state) resumes it.
     """
-    with hold_folder(Path(cfg.out)), stop_on_signals(), disk_full_is_a_run_error(Path(cfg.out)):
+    main = distributed.launch_rank() == 0  # only rank 0 writes the folder
+    with hold_folder(Path(cfg.out)) if main else contextlib.nullcontext(), stop_on_signals(), \
+            disk_full_is_a_run_error(Path(cfg.out)):
         return train_in_folder(cfg, hparams, resume)
 
 
 def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, Any]:
     run = setup(cfg, hparams, resume)
-    run.out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
     metrics_path = run.out / "metrics.jsonl"
-    if resume:
-        truncate_metrics(metrics_path, run.start)
-    else:
-        metrics_path.unlink(missing_ok=True)
-    with open(run.out / "config.yaml", "w") as f:
-        yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
-    board = open_board(cfg.logger, run.out)
+    board = None
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            truncate_metrics(metrics_path, run.start)
+        else:
+            metrics_path.unlink(missing_ok=True)
+        with open(run.out / "config.yaml", "w") as f:
+            yaml.safe_dump(as_dict(cfg, hparams), f, sort_keys=False)
+        board = open_board(cfg.logger, run.out)
+
+    def write_row(row: dict[str, Any]) -> None:
+        if main:
+            write_metrics(metrics_path, row, board)
+
+    def save(next_epoch: int, payload: dict[str, Any] | None = None) -> None:
+        if main:
+            save_checkpoint(run.out / "checkpoint.pt", payload or run.payload(next_epoch))
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 else None  # for a stop in epoch 0
-    has_baseline = any(r.get("untrained") for r in read_metrics(metrics_path))
+    # Rank 0 decides (it may already be writing the file): every rank must join the evaluation or none.
+    has_baseline = distributed.any_rank(main and any(r.get("untrained") for r in read_metrics(metrics_path)),
+                                        run.device)
     if run.start == 0 and total > 0 and not has_baseline:  # the network before training: the baseline
         untrained = evaluate_knn(run)
         if untrained is not None:
-            write_metrics(metrics_path, {"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained,
-                                         "untrained": True}, board)
+            write_row({"round": 0, "epoch": -1, "global_epoch": -1, "knn_top1": untrained, "untrained": True})
     row: dict[str, Any] = {}
     for global_epoch in range(run.start, stop):
         try:
             row = run_epoch(run, global_epoch)
         except RunInterrupted:
             if initial is not None:  # stopped before this run's first checkpoint: save where it started
-                save_checkpoint(run.out / "checkpoint.pt", initial)
+                save(0, initial)
             raise
         initial = None
         last = global_epoch == total - 1  # not stop - 1: an interrupted run logs what the whole run logs
@@ -317,17 +376,18 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
             row["knn_top1"] = evaluate_knn(run)
         log.info("epoch %d: %s", global_epoch, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in row.items()})
-        write_metrics(metrics_path, row, board)
-        save_checkpoint(run.out / "checkpoint.pt", run.payload(global_epoch + 1))
+        write_row(row)
+        save(global_epoch + 1)
         if global_epoch + 1 < stop:
             raise_if_stopping(f"the end of epoch {global_epoch}", run.out / "checkpoint.pt", global_epoch + 1)
     if total == 0:  # nothing to train (the random-init reference): evaluate and save as is
         row = {"round": 0, "epoch": 0, "global_epoch": 0, "knn_top1": evaluate_knn(run)}
-        write_metrics(metrics_path, row, board)
-        save_checkpoint(run.out / "checkpoint.pt", run.payload(0))
+        write_row(row)
+        save(0)
     elif not row:  # a finished run resumed: report, change nothing
         row = {"global_epoch": run.start, "knn_top1": evaluate_knn(run)}
     if board is not None:
         board.close()
+    distributed.barrier()  # every rank reads the rows rank 0 wrote
     baseline = next((r["knn_top1"] for r in read_metrics(metrics_path) if r.get("untrained")), None)
     return {**row, "knn_untrained": baseline} if baseline is not None else row

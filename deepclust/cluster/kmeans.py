@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_sum, gather_rows, local_part
+
 log = logging.getLogger(__name__)
 
 
@@ -152,10 +154,12 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
     x_ones = with_ones(x)
     centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
     assignments = torch.zeros(n, dtype=torch.long, device=x.device)
+    part = local_part(n)  # under torchrun each rank assigns its part of the rows; sums are all-reduced
     for _ in range(max(1, iters)):
-        assignments, _ = assign(x_ones, centroids, chunk)
+        assignments = gather_rows(assign(x_ones[part], centroids, chunk)[0])
         assignments = split_empty_clusters(x, centroids, assignments, gen)
-        sums, counts = centroid_sums(x, assignments, k)
+        sums, counts = centroid_sums(x[part], assignments[part], k)
+        all_reduce_sum(sums), all_reduce_sum(counts)
         centroids = sums / counts.unsqueeze(1).to(x.dtype)
     inertia = float(((x - centroids[assignments]) ** 2).sum())
     return KMeansResult(centroids, assignments, inertia)

@@ -85,8 +85,14 @@ class Method(nn.Module):
         """The training loss of a batch, and outputs that ``after_step`` needs."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss(batch)  # the call DistributedDataParallel wraps
+
     def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
-        """Update per-sample state (memory bank, labels) after the optimiser step."""
+        """Update per-sample state (memory bank, labels) after the optimiser step.
+
+        Under torchrun every rank gets the whole global batch: ``batch.index`` and each output gathered
+        from all ranks in order (rows of ``outputs`` must be per sample; ``batch.views`` is then empty)."""
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         """Numbers to log for the epoch."""

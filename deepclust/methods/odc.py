@@ -19,6 +19,7 @@ from ..cluster import (
     size_stats,
     split_in_two,
 )
+from ..distributed import gather_rows
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from .base import Batch, EpochContext, Method
@@ -104,7 +105,12 @@ class ODC(Method):
     def loss(self, batch: Batch):
         z = self.neck(self.backbone.features(batch.views[0]))
         logits = self.classifier(z).float()
-        loss = F.cross_entropy(logits, self.labels[batch.index], weight=self.weights)
+        target = self.labels[batch.index]
+        w = self.weights[target]
+        # Weighted mean over the global batch, sum w_i l_i / sum w_i: under torchrun the trainer averages
+        # per-sample means, so each rank divides by its count times the global batch's mean weight.
+        mean_w = gather_rows(w).mean()
+        loss = (w * F.cross_entropy(logits, target, reduction="none")).sum() / (w.numel() * mean_w)
         return loss, {"neck": z}
 
     @torch.no_grad()

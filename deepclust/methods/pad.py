@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cluster import knn_graph, scs_stats, singletons_apart, strongly_connected_subgraphs
+from ..distributed import world_size
 from ..losses import cosine_loss, group_loss, kl_loss, label_positives, neighbour_positives
 from .base import Batch, EpochContext
 from .npid import NPID
@@ -99,7 +100,9 @@ class PAD(NPID):
         hard = logits.detach().masked_fill(~others, float("inf")).argmin(1)  # least similar fellow member
         target = self.bank.features[hard].clone()
         isolated = torch.nonzero(~grouped).flatten()
-        if isolated.numel():  # only their second view is forwarded: the cost shrinks as the SCS share grows
+        # Only their second view is forwarded: the cost shrinks as the SCS share grows. Under torchrun every
+        # rank joins the forward (its BatchNorm is a collective), even with no isolated sample of its own.
+        if isolated.numel() or world_size() > 1:
             with torch.no_grad():
                 target[isolated] = self.backbone(batch.views[1][isolated]).to(target.dtype)
         if self.config.hpe == "cosine":

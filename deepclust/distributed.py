@@ -1,0 +1,214 @@
+"""Data-parallel training under ``torchrun``: the one module that knows about ranks.
+
+Every rank holds the whole method state (memory bank, labels, centroids) and keeps it identical to the
+others: the trainer splits each global batch into contiguous parts, gathers every step's sample ids and
+outputs so that each rank applies the same state update, and broadcasts rank 0's state after each epoch's
+targets are made. k-means shards its assignment pass (see ``cluster.kmeans``). A checkpoint therefore
+holds the whole state and resumes on any number of processes. Outside ``torchrun`` every helper here is
+the identity (world size 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """True in a process that torchrun started with more than one process in all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun numbered it (0 outside torchrun); valid before and after the group."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def initialise(device: torch.device) -> torch.device:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU); returns this rank's device."""
+    if not launched():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("rank %d of %d (%s, %s)", rank(), world_size(), dist.get_backend(), device)
+    return device
+
+
+def finish() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def part_sizes(n: int, world: int | None = None) -> list[int]:
+    """Rows of each rank when ``n`` rows are split in contiguous parts (the first ``n % world`` get one more)."""
+    world = world or world_size()
+    return [n // world + (r < n % world) for r in range(world)]
+
+
+def local_part(n: int) -> slice:
+    """This rank's contiguous rows of ``n``: the parts, concatenated in rank order, are the whole."""
+    sizes = part_sizes(n)
+    start = sum(sizes[: rank()])
+    return slice(start, start + sizes[rank()])
+
+
+def gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``x`` concatenated along dim 0 in rank order (no gradient; parts may differ in length),
+    and the row where this rank's part starts. A batch-coupled loss (IS) compares its rows with all of them."""
+    world = world_size()
+    if world == 1:
+        return x, 0
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    wire = x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach()  # gloo has no bool
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=wire.dtype, device=x.device)
+    padded[: x.shape[0]] = wire
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+    return (out.bool() if x.dtype == torch.bool else out), sum(sizes[: rank()])
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order (no gradient)."""
+    return gather_rows_at(x)[0]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (and returned)."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank must call it)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+    """Overwrite each tensor with rank 0's, in place."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        if t.dtype == torch.bool:
+            wire = t.to(torch.uint8)
+            dist.broadcast(wire, 0)
+            t.copy_(wire.bool())
+        else:
+            dist.broadcast(t, 0)
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Every parameter and buffer of ``module`` from rank 0 (guards the replicas against any drift)."""
+    broadcast_(list(module.state_dict().values()))
+
+
+def sharded_rows(fn, n: int) -> torch.Tensor:
+    """``fn(slice)`` on this rank's part of ``n`` rows, gathered: a feature pass split across ranks."""
+    return gather_rows(fn(local_part(n)) if world_size() > 1 else fn(slice(0, n)))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks with a gradient: every rank's output depends on every rank's input, so the input's
+    gradient is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the global batch for gloo on CPU, where torch's SyncBatchNorm needs a GPU.
+
+    Two-pass statistics (mean, then mean squared deviation) summed over ranks with an autograd-aware
+    all-reduce; running statistics as BatchNorm's (unbiased variance). Takes (N, C) or (N, C, ...) input;
+    state_dict keys equal BatchNorm's, so checkpoints move between world sizes.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected (N, C, ...) input, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+        all_reduce = _AllReduceSum.apply
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = all_reduce(torch.tensor(float(x.numel() // max(1, x.shape[1])), device=x.device))
+        if float(count) == 0:  # every rank's part is empty (PAD's forward of its isolated samples): no statistics
+            return x
+        mean = all_reduce(x.float().sum(dims)) / count
+        centred = x.float() - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - m).add_(m * mean)
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``module`` normalised over the global batch: SyncBatchNorm on GPU, ours on CPU."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            bn.train(child.training)
+            setattr(module, name, bn)
+        else:
+            global_batchnorm(child, device)
+    return module

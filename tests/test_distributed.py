@@ -1,0 +1,110 @@
+"""Data-parallel training under torchrun: two (and three) gloo processes on the CPU against one process.
+
+One epoch on 2 ranks with global batch B must give what one process with batch B gives (within float
+tolerance: the ranks sum in another order); the replicated method state (bank, labels, assignments, SCSs,
+vote history) must equal the single-process state; distributed k-means must equal single-process k-means
+from the same initial centroids; and a run checkpointed on 2 processes must resume on 1 and on 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import read_rows, tiny_npz
+
+from deepclust.checkpoint import load_checkpoint
+from deepclust.cluster import kmeans
+from deepclust.config import resolve
+from deepclust.train import train
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+REPO = Path(__file__).resolve().parents[1]
+# ODC without dropout: its masks are drawn per rank from the global generator, so they cannot match one
+# process's masks (training still runs distributed with dropout; only this comparison needs it off).
+METHODS = {"npid": {}, "is": {}, "deepcluster": {"k": 4}, "odc": {"k": 4, "min_cluster": 2, "dropout": 0.0},
+           "uic": {"k": 4}, "pcp": {"min_clusters": 4, "vote_epochs": 1}, "pad": {}}
+
+
+def layer(data: str, method: str, out: Path, **keys) -> dict:
+    return {"method": method, "data": data, "test_data": data, "backbone": "convnet", "width": 8, "epochs": 2,
+            "batch_size": 32, "out": str(out), "progress": False, "seed": 3, "lr_decay_at": [], "amp": False,
+            "eval_every": 0, **METHODS[method], **keys}
+
+
+def torchrun(tmp_path: Path, nproc: int, spec: dict) -> None:
+    path = tmp_path / f"spec{nproc}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(WORKER), str(path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        x, y = a[key], b[key]
+        if x.is_floating_point():
+            assert torch.allclose(x, y, atol=2e-4, rtol=1e-3), f"{what}: {key} differs by {(x - y).abs().max()}"
+        else:
+            assert torch.equal(x, y), f"{what}: {key} differs in {int((x != y).sum())} of {x.numel()} entries"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every method for 2 epochs on 2 ranks, k-means on 2 ranks, and an NPID run cut after epoch 1 on 2
+    ranks, then resumed on 3 ranks; the same runs in this process (world size 1)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data = tiny_npz(tmp)
+    torch.manual_seed(0)
+    x = torch.randn(300, 8)
+    x[:100] += 4
+    x[100:200] -= 4
+    torch.save(x, tmp / "x.pt")
+    jobs = [{"config": layer(data, m, tmp / "two" / m)} for m in METHODS]
+    jobs.append({"config": layer(data, "npid", tmp / "cut2", stop_after=1)})
+    torchrun(tmp, 2, {"train": jobs, "kmeans": {"x": str(tmp / "x.pt"), "k": 5, "iters": 10, "seed": 1,
+                                                "out": str(tmp / "kmeans2.pt")}})
+    for name in ("resume1", "resume3"):
+        shutil.copytree(tmp / "cut2", tmp / name)
+    torchrun(tmp, 3, {"train": [{"config": layer(data, "npid", tmp / "resume3"), "resume": True}]})
+    for m in METHODS:
+        train(*resolve([layer(data, m, tmp / "one" / m)]))
+    train(*resolve([layer(data, "npid", tmp / "resume1")]), resume=True)
+    return tmp, x
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_equal_one_process(runs, method):
+    tmp, _ = runs
+    one = load_checkpoint(tmp / "one" / method / "checkpoint.pt")
+    two = load_checkpoint(tmp / "two" / method / "checkpoint.pt")
+    assert_same_state(one["state"], two["state"], method)  # parameters, BN statistics, bank, labels, SCSs
+    losses = [[r["loss"] for r in read_rows(tmp / d / method)] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_distributed_kmeans_equals_single_process(runs):
+    tmp, x = runs
+    single = kmeans(x, 5, iters=10, seed=1)
+    two = torch.load(tmp / "kmeans2.pt", weights_only=True)
+    assert torch.equal(single.assignments, two["assignments"])
+    assert torch.allclose(single.centroids, two["centroids"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resume1", "resume3"])
+def test_checkpoint_of_two_ranks_resumes_on_one_and_three(runs, name):
+    tmp, _ = runs
+    assert load_checkpoint(tmp / "cut2" / "checkpoint.pt")["next_epoch"] == 1
+    resumed = load_checkpoint(tmp / name / "checkpoint.pt")
+    assert resumed["next_epoch"] == 2
+    assert_same_state(load_checkpoint(tmp / "one" / "npid" / "checkpoint.pt")["state"], resumed["state"], name)
+    assert [r["global_epoch"] for r in read_rows(tmp / name)] == [0, 1]
