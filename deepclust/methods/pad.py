@@ -62,7 +62,7 @@ class PAD(NPID):
     def before_epoch(self, ctx: EpochContext) -> None:
         super().before_epoch(ctx)
         t0 = time.perf_counter()
-        self.neighbours.copy_(knn_graph(self.bank.features, self.config.k)[1])
+        self.neighbours.copy_(knn_graph(self.bank.dense(), self.config.k)[1])
         t1 = time.perf_counter()
         if self.config.diffusion:
             order = torch.randperm(self.num_samples, generator=ctx.generator)
@@ -97,7 +97,7 @@ class PAD(NPID):
         others[rows, batch.index] = False
         grouped = others.any(1)
         hard = logits.detach().masked_fill(~others, float("inf")).argmin(1)  # least similar fellow member
-        target = self.bank.features[hard].clone()
+        target = self.bank.rows(hard)
         isolated = torch.nonzero(~grouped).flatten()
         if isolated.numel():  # only their second view is forwarded: the cost shrinks as the SCS share grows
             with torch.no_grad():
