@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cluster.kmeans import centroid_sums
+
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -14,7 +16,7 @@ class MemoryBank(nn.Module):
 
     A registered buffer, so it travels with ``state_dict`` into every checkpoint. ``dtype="float16"`` stores
     the rows in half the memory (unit-norm entries keep about 3 significant digits); every computation on them
-    (update, logits, ``rows``, ``dense``) is in float32.
+    (update, logits, ``rows``, ``class_sums``, a kNN graph) is in float32, a chunk of rows at a time.
     """
 
     def __init__(self, num_samples: int, dim: int, momentum: float = 0.5, seed: int = 0, dtype: str = "float32"):
@@ -36,6 +38,14 @@ class MemoryBank(nn.Module):
     def dense(self) -> torch.Tensor:
         """Every row in float32: the buffer itself, or a transient float32 copy of a float16 bank."""
         return self.features.float()
+
+    def class_sums(self, labels: torch.Tensor, k: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """``centroid_sums`` of the rows grouped by ``labels``, in float32; a float16 bank a chunk at a time."""
+        if self.features.dtype == torch.float32:
+            return centroid_sums(self.features, labels, k)
+        parts = [centroid_sums(self.features[i:i + chunk].float(), labels[i:i + chunk], k)
+                 for i in range(0, len(self), chunk)]
+        return sum(s for s, _ in parts), sum(c for _, c in parts)
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, feats: torch.Tensor) -> None:

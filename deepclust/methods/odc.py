@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from ..backbones import Backbone
 from ..cluster import (
     ClusteringError,
-    centroid_sums,
     cluster_count,
     kmeans,
     nearest_centroid,
@@ -133,7 +132,7 @@ class ODC(Method):
     def update_centroids(self, which: torch.Tensor | None = None) -> None:
         """Recompute the touched centroids (or ``which``) as the mean memory feature of their members."""
         which = self.touched if which is None else which
-        sums, counts = centroid_sums(self.memory.dense(), self.labels, self.config.k)
+        sums, counts = self.memory.class_sums(self.labels, self.config.k)
         update = which & (counts > 0)
         self.centroids[update] = sums[update] / counts[update].unsqueeze(1).float()
         self.touched.zero_()
@@ -142,7 +141,7 @@ class ODC(Method):
     def deal_with_small_clusters(self, seed: int) -> None:
         """Dissolve clusters of size <= min_cluster into the nearest normal ones, then give each freed id
         one half of the then-largest cluster (2-means). Ids stay 0..k-1, none ends up small or empty."""
-        k, feats = self.config.k, self.memory.dense()
+        k = self.config.k
         counts = torch.bincount(self.labels, minlength=k)
         small = torch.nonzero(counts <= self.min_cluster).flatten()
         if small.numel() == 0:
@@ -152,15 +151,15 @@ class ODC(Method):
             raise ClusteringError("odc: every cluster is small; lower min_cluster or k")
         members = torch.nonzero(torch.isin(self.labels, small)).flatten()
         if members.numel():
-            nearest, _ = nearest_centroid(feats[members], self.centroids[normal])
+            nearest, _ = nearest_centroid(self.memory.rows(members), self.centroids[normal])
             self.labels[members] = normal[nearest]
         for i, s in enumerate(small.tolist()):
             counts = torch.bincount(self.labels, minlength=k)
             largest = int(counts.argmax())
             rows = torch.nonzero(self.labels == largest).flatten()
-            half = split_in_two(feats[rows], seed * 1000 + i, self.min_cluster)
+            half = split_in_two(self.memory.rows(rows), seed * 1000 + i, self.min_cluster)
             self.labels[rows[half]] = s
-        changed = torch.zeros(k, dtype=torch.bool, device=feats.device)
+        changed = torch.zeros(k, dtype=torch.bool, device=self.labels.device)
         changed[normal] = True  # normal clusters received members
         changed[small] = True
         self.update_centroids(changed)

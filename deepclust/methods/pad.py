@@ -62,7 +62,7 @@ class PAD(NPID):
     def before_epoch(self, ctx: EpochContext) -> None:
         super().before_epoch(ctx)
         t0 = time.perf_counter()
-        self.neighbours.copy_(knn_graph(self.bank.dense(), self.config.k)[1])
+        self.neighbours.copy_(knn_graph(self.bank.features, self.config.k)[1])
         t1 = time.perf_counter()
         if self.config.diffusion:
             order = torch.randperm(self.num_samples, generator=ctx.generator)
