@@ -13,12 +13,17 @@
 - pixels: a uint8 (N, 3, S, S) tensor in memory, 3 S^2 bytes a sample in RAM, and on the GPU too when
   training there with num_workers = 0 (the trainer moves them there); none with a ``deepclust prepare`` cache.
   Labels: 8 bytes a sample (int64) in RAM.
+
+With ``--cache DIR`` (a ``deepclust prepare`` folder) it also times reading from it: random batches of 256 rows
+and a sequential pass in slices of 1,024, against indexing the same pixels held in memory (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +73,28 @@ def feature_pass_floats(method: str, backbone: str) -> int:
     return max(asked, default=0)
 
 
+def cache_read_times(cache: str, repeats: int = 30) -> dict[str, float]:
+    """Median seconds: a random batch of 256 rows and a pass in slices of 1,024, from disk and from memory."""
+    disk = load_data(cache).images
+    held = disk[:]
+    gen = torch.Generator().manual_seed(0)
+
+    def median_time(images, batch: bool, n: int) -> float:
+        times = []
+        for _ in range(n):
+            index = torch.randperm(len(disk), generator=gen)[:256]
+            t = time.perf_counter()
+            _ = images[index] if batch else [images[s:s + 1024] for s in range(0, len(disk), 1024)]
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    out = {}
+    for name, images in (("disk", disk), ("memory", held)):
+        out[f"batch256_{name}"] = median_time(images, True, repeats)
+        out[f"pass_{name}"] = median_time(images, False, 5)
+    return out
+
+
 def per_gib(nbytes: float, unit: float = 1e6) -> str:
     return f"{nbytes:.0f} B: {GIB / nbytes / unit:.2f} {'M' if unit == 1e6 else 'k'}" if nbytes else "0 B: no limit"
 
@@ -76,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18_cifar")
     parser.add_argument("--out", help="also write the numbers to this JSON file")
+    parser.add_argument("--cache", help="a deepclust prepare folder to time reads from")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = {}
@@ -102,9 +130,15 @@ def main() -> None:
         print(f"| {method} | {r['state']:.0f} | {fp16} | {fp} ({r['feature_floats']} floats) | {per_gib(gpu)} | "
               f"{per_gib(gpu16)} | {per_gib(gpu32)} | {GIB / ram32 / 1e3:.0f} k / {GIB / ram224 / 1e3:.1f} k | "
               f"{GIB / label_bytes / 1e6:.0f} M |")
+    reads = cache_read_times(args.cache) if args.cache else None
+    if reads:
+        n = len(load_data(args.cache))
+        print(f"\n{args.cache}: {n} rows; random batch of 256: disk {reads['batch256_disk'] * 1e3:.1f} ms, memory "
+              f"{reads['batch256_memory'] * 1e3:.1f} ms; pass in slices of 1,024: disk {reads['pass_disk'] * 1e3:.1f} "
+              f"ms, memory {reads['pass_memory'] * 1e3:.1f} ms")
     if args.out:
         Path(args.out).write_text(json.dumps({"backbone": args.backbone, "methods": rows, "pixel_bytes": pixel_bytes,
-                                              "label_bytes": label_bytes}, indent=1))
+                                              "label_bytes": label_bytes, "cache_reads": reads}, indent=1))
 
 
 if __name__ == "__main__":

@@ -509,8 +509,8 @@ def load_data(
     elif kind == "folder":
         path = Path(root)
         if not path.exists():
-            raise DataError(f"no folder {path}; give an ImageFolder directory, a .npz file, 'digits', or "
-                            f"NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
+            raise DataError(f"no folder {path}; give an ImageFolder directory, a deepclust prepare cache, a .npz file, "
+                            f"'digits', or NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
         if not path.is_dir():
             raise DataError(f"{path} is not a folder; give an ImageFolder directory or a .npz file")
         files, labels, classes = list_image_folder(path)
