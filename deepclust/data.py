@@ -76,9 +76,10 @@ class DiskImages:
     def positions(self, key) -> np.ndarray:
         if isinstance(key, slice):
             return self.rows[key]
-        if torch.is_tensor(key):
-            key = key.cpu().numpy()
-        return self.rows[np.asarray(key, dtype=np.int64)]
+        key = np.asarray(key.cpu() if torch.is_tensor(key) else key)
+        if key.dtype == bool:  # a mask, as a tensor takes it
+            key = np.flatnonzero(key)
+        return self.rows[key.astype(np.int64)]
 
     def subset(self, key) -> DiskImages:
         """The rows ``key`` as a new view of the same file."""

@@ -74,6 +74,8 @@ def test_digits_cache_reads_rows_as_the_in_memory_tensor_does(digits_cache):
     assert torch.equal(disk[index], ram[index]) and torch.equal(disk[index.tolist()], ram[index])
     assert torch.equal(disk[7], ram[7]) and torch.equal(disk[90:101:3], ram[90:101:3])
     assert disk[torch.tensor([], dtype=torch.long)].shape == (0, 3, 32, 32)
+    mask = cached.labels == 3
+    assert torch.equal(disk[mask], ram[mask])
     for keys in ({"subset": 300}, {"subset_imbalance": 8.0}, {"subset": 500, "subset_imbalance": 4.0}):
         a, b = load_data(str(digits_cache), **keys), load_data("digits", image_size=32, **keys)
         assert isinstance(a.images, DiskImages) and torch.equal(a.images[:], b.images)

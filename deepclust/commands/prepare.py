@@ -178,9 +178,10 @@ def run(args: argparse.Namespace) -> int:
     n, size = header["num_images"], header["image_size"]
     skipped = f", {header['skipped']} unreadable image(s) skipped" if header["skipped"] else ""
     gib = n * 3 * size * size / 2**30
-    print(f"wrote {args.out}: {n} images of {size}x{size} ({f'{gib:.2f} GiB' if gib >= 1 else f'{gib * 1024:.1f} MiB'}"
-          " on disk)"
-          f"{', labelled' if header['labelled'] else ''}{skipped}; train with --data {args.out}")
+    on_disk = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+    labelled = ", labelled" if header["labelled"] else ""
+    print(f"wrote {args.out}: {n} images of {size}x{size} ({on_disk} on disk){labelled}{skipped}; train with "
+          f"--data {args.out}")
     return 0
 
 
