@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, as_dict
-from .data import DiskImages, ImageData, IndexedImages, load_train_test
+from .data import ImageData, IndexedImages, load_train_test
 from .eval import evaluate_backbone, extract_features
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
@@ -81,7 +81,7 @@ class Run:
     device: torch.device
     out: Path
     start: int = 0  # next global epoch (round * epochs + epoch)
-    images: torch.Tensor | DiskImages | None = None  # training pixels, on the GPU when they may live there
+    images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
 
     def __post_init__(self):
         self.images = self.data.images
