@@ -98,6 +98,7 @@ def test_broken_caches_raise_data_errors_naming_the_fix(tmp_path, digits_cache):
         load_data(str(digits_cache), image_size=48)
     with pytest.raises(DataError, match="exists; give a new --out"):
         prepare_cache("digits", digits_cache, 32)
+    assert main(["prepare", "digits", "--out", str(digits_cache), "--size", "32"]) == 2  # the CLI: a message, exit 2
     header = json.loads((digits_cache / "cache.json").read_text())
 
     def broken(name: str, header_text: str | None, pixels: bytes) -> str:
@@ -154,6 +155,13 @@ def test_embed_and_knn_eval_from_the_cache_equal_in_memory(tmp_path, digits_cach
                      "--json"]) == 0
         knn.append(json.loads(capsys.readouterr().out)["knn_top1"])
     assert knn[0] == knn[1] and knn[0] > 20  # 10 classes: well above chance after one epoch
+    csvs = []
+    for data in (str(digits_cache), "digits:train"):  # not "digits": that is the run's own (subset) data
+        out = tmp_path / f"{Path(data).name}.csv"
+        assert main(["cluster", "--checkpoint", str(trained_checkpoint), "--data", data, "--k", "10", "--restarts", "1",
+                     "--out", str(out)]) == 0
+        csvs.append(out.read_text())
+    assert csvs[0] == csvs[1] and len(csvs[0].splitlines()) == 1439
     model = Backbone("convnet", 32, width=8)
     a = layer_features(model, load_data(str(digits_cache)).images[:], ["block2"])
     b = layer_features(model, DiskImages(digits_cache / "images.u8", 1438, 32), ["block2"])
