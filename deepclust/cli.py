@@ -1,4 +1,4 @@
-"""The ``deepclust`` command: train, eval, embed, cluster, export, report, compare, methods."""
+"""The ``deepclust`` command: train, eval, embed, cluster, export, report, compare, prepare, methods."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .cluster import ClusteringError
 from .commands import cluster as cluster_command
 from .commands import compare as compare_command
 from .commands import export as export_command
+from .commands import prepare as prepare_command
 from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a method; writes OUT/checkpoint.pt, metrics.jsonl, config.yaml",
                        epilog="Any config key can be set as key=value, e.g. k=100 lr=0.06.")
     t.add_argument("--method")
-    t.add_argument("--data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] (default: digits)")
+    t.add_argument("--data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] | CACHE (from deepclust prepare; "
+                   "default: digits)")
     t.add_argument("--test-data")
     t.add_argument("--backbone")
     t.add_argument("--epochs", type=int)
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
 
-    for command in (cluster_command, export_command, report_command, compare_command):
+    for command in (cluster_command, export_command, report_command, compare_command, prepare_command):
         command.add_parser(sub)
     sub.add_parser("methods", help="list the methods")
     return parser
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": lambda: cmd_train(args, rest, argv), "eval": lambda: cmd_eval(args),
                 "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
                 "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
-                "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args)}
+                "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args),
+                "prepare": lambda: prepare_command.run(args)}
     try:
         return commands[args.command]()
     except RunInterrupted as err:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed job

@@ -161,7 +161,8 @@ def check_choices(merged: dict[str, Any]) -> None:
     from .backbones import BACKBONES
 
     choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
-               "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard")}
+               "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard"),
+               "bank_dtype": ("float32", "float16")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:
             raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "

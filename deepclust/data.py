@@ -1,8 +1,10 @@
-"""Datasets. Every source becomes one in-memory uint8 tensor (N, 3, S, S) plus optional labels.
+"""Datasets. Every source becomes one in-memory uint8 tensor (N, 3, S, S) plus optional labels; a prepared
+cache (``deepclust prepare``) instead becomes ``DiskImages``, rows read from disk when indexed.
 
 Sources (one ``--data`` string):
   digits[:train|test]        scikit-learn's bundled 8x8 digits, upsampled to 32x32 (no file needed)
   DIR                        an ImageFolder (class subfolders) or a flat folder of unlabelled images
+  CACHE                      a folder written by ``deepclust prepare`` (found by its cache.json)
   FILE.npz                   ``images`` (N,H,W) or (N,H,W,C) uint8, optional ``labels``
   NAME:ROOT[:SPLIT]          torchvision's local files, never downloaded; NAME in cifar10, cifar100,
                              stl10, svhn, mnist
@@ -12,7 +14,9 @@ Labels are only ever used for evaluation (and by the ``supervised`` reference me
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +37,90 @@ class DataError(ValueError):
     """A data source is missing, empty or unreadable. The message names the problem and the fix."""
 
 
+# A prepared cache: CACHE_PIXELS holds N fixed-size records of 3 x S x S uint8, row i at offset i * 3 * S * S.
+CACHE_HEADER, CACHE_PIXELS, CACHE_LABELS, CACHE_FILES = "cache.json", "images.u8", "labels.npy", "files.json"
+CACHE_FORMAT, CACHE_VERSION = "deepclust-cache", 1
+
+
+class DiskImages:
+    """uint8 (N, 3, S, S) images read from a prepared cache when indexed, never held whole in memory.
+
+    Indexing (an int, a slice, a LongTensor, an array or a list) returns a uint8 tensor. Rows are read with
+    ``os.pread`` into a fresh buffer, sorted and coalesced into contiguous runs: unlike the pages of a memory
+    map, they leave the process's resident memory once the batch is dropped. ``rows`` maps this view's
+    positions to records of the file, so a subset is a new view, no pixels copied.
+    """
+
+    def __init__(self, path: Path, num_records: int, size: int, rows: np.ndarray | None = None):
+        self.path, self.size, self.num_records = Path(path), size, num_records
+        self.rows = np.arange(num_records, dtype=np.int64) if rows is None else rows
+        self.record = 3 * size * size
+        self.fd: int | None = None  # opened on first read, in each process (a forked worker shares it: pread)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "fd": None}  # a spawned DataLoader worker opens its own
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), 3, self.size, self.size))
+
+    dtype, is_cuda, device = torch.uint8, False, torch.device("cpu")
+
+    def positions(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return self.rows[key]
+        key = np.asarray(key.cpu() if torch.is_tensor(key) else key)
+        if key.dtype == bool:  # a mask, as a tensor takes it
+            key = np.flatnonzero(key)
+        return self.rows[key.astype(np.int64)]
+
+    def subset(self, key) -> DiskImages:
+        """The rows ``key`` as a new view of the same file."""
+        return DiskImages(self.path, self.num_records, self.size, self.positions(key))
+
+    def read(self, records: np.ndarray) -> np.ndarray:
+        """Records of the file, (n, record) uint8, in the order given; one pread per contiguous run."""
+        buffer = np.empty((len(records), self.record), dtype=np.uint8)
+        if len(records) == 0:
+            return buffer
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        order = np.argsort(records, kind="stable")
+        ordered = records[order]
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)], strict=True):
+            view, offset = memoryview(buffer[start:stop]).cast("B"), int(ordered[start]) * self.record
+            while len(view):  # a read may return less than asked (Linux caps one at about 2 GiB)
+                got = os.preadv(self.fd, [view], offset)
+                if got == 0:
+                    raise DataError(f"{self.path}: ends before record {offset // self.record}; the cache was "
+                                    "truncated after it was opened: run deepclust prepare again")
+                view, offset = view[got:], offset + got
+        if np.all(order[:-1] < order[1:]):
+            return buffer
+        out = np.empty_like(buffer)
+        out[order] = buffer
+        return out
+
+    def __getitem__(self, key) -> torch.Tensor:
+        single = isinstance(key, (int, np.integer)) or (torch.is_tensor(key) and key.ndim == 0)
+        records = self.positions([int(key)] if single else key)
+        pixels = torch.from_numpy(self.read(records)).view(len(records), 3, self.size, self.size)
+        return pixels[0] if single else pixels
+
+
 @dataclass
 class ImageData:
-    """Images as uint8 (N, 3, S, S); ``labels`` int64 (N,) or None when the source has none."""
+    """Images as uint8 (N, 3, S, S), in memory or on disk; ``labels`` int64 (N,) or None when the source has none."""
 
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor | None
     name: str
     classes: list[str] | None = None
@@ -60,7 +143,8 @@ class ImageData:
     def subset(self, indices: torch.Tensor) -> ImageData:
         labels = None if self.labels is None else self.labels[indices]
         paths = None if self.paths is None else [self.paths[i] for i in indices.tolist()]
-        return ImageData(self.images[indices], labels, self.name, self.classes, self.skipped, paths)
+        images = self.images.subset(indices) if isinstance(self.images, DiskImages) else self.images[indices]
+        return ImageData(images, labels, self.name, self.classes, self.skipped, paths)
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -70,7 +154,7 @@ class IndexedImages(torch.utils.data.Dataset):
     process, so per-sample state (labels, memory banks) is never written in a forked worker.
     """
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor | DiskImages):
         self.images = images
 
     def __len__(self) -> int:
@@ -188,8 +272,16 @@ def check_memory(n: int, size: int, what: str, stored: int = 0) -> None:
         also = f" plus {stored / 2**30:.2f} GiB stored" if stored else ""
         raise DataError(f"{what}: {n} images of {size}x{size} need about {need / 2**30:.2f} GiB (N x 3 x S x S "
                         f"bytes decoded{also}), but {free / 2**30:.2f} GiB of memory are available; pass subset=N or a "
-                        "smaller image_size, or pre-decode the data with `deepclust prepare` (planned, not available "
-                        "yet)")
+                        "smaller image_size, or decode the data once into a cache read from disk: `deepclust prepare "
+                        "SOURCE --out CACHE --size S`, then --data CACHE")
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy stream, which is left at the first byte of the array."""
+    version = np.lib.format.read_magic(f)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = header(f)
+    return tuple(shape), fortran, dtype
 
 
 def npz_images_shape(path: Path) -> tuple[int, ...] | None:
@@ -198,17 +290,17 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
 
     try:
         with zipfile.ZipFile(path) as archive, archive.open("images.npy") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return tuple(header(f)[0])
+            return read_npy_header(f)[0]
     except (KeyError, ValueError, OSError, zipfile.BadZipFile):  # np.load below reports what is wrong
         return None
 
 
-def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple[torch.Tensor, list[int], list[str]]:
+def decode_images(files: list[Path], size: int | None, bad_images: str,
+                  allow_none: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped.
 
     The memory the decoded set needs is checked first; images over PIL's decompression-bomb limit are refused.
+    With ``allow_none`` (one chunk of many, ``size`` given) a chunk of only skipped images is empty, not an error.
     """
     from PIL import Image
     from tqdm import tqdm
@@ -257,6 +349,8 @@ def decode_images(files: list[Path], size: int | None, bad_images: str) -> tuple
         kept.append(i)
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
+    if not out and allow_none and size is not None:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), kept, skipped
     if not out:
         raise DataError(f"none of the {len(files)} images could be read (first: {skipped[0]})")
     return torch.stack(out), kept, skipped
@@ -290,6 +384,49 @@ def load_torchvision(name: str, root: str, split: str) -> ImageData:
                         f"place the {name} files there (deepclust never downloads)") from err
     images = to_nchw_uint8(data, what)
     return ImageData(images, labels_tensor(targets, len(images), what), what, classes)
+
+
+def read_cache_header(folder: Path) -> dict:
+    """The header of a prepared cache, checked against its pixel file; DataError names what to redo."""
+    header_path, pixels = folder / CACHE_HEADER, folder / CACHE_PIXELS
+    redo = f"run `deepclust prepare SOURCE --out {folder} --size S` again (into a new --out)"
+    if not header_path.is_file():
+        raise DataError(f"{folder} holds {CACHE_PIXELS} but no {CACHE_HEADER}: an unfinished or interrupted "
+                        f"deepclust prepare; delete it and {redo}")
+    try:
+        header = json.loads(header_path.read_text())
+        n, size = int(header["num_images"]), int(header["image_size"])
+        ok = header["format"] == CACHE_FORMAT and n > 0 and size > 0
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{header_path} is not a valid cache header ({err}); {redo}") from err
+    if not ok or header.get("version") != CACHE_VERSION:
+        raise DataError(f"{header_path}: not a {CACHE_FORMAT} version {CACHE_VERSION} header (format "
+                        f"{header.get('format')!r}, version {header.get('version')!r}); {redo} with this deepclust")
+    expected = n * 3 * size * size
+    found = pixels.stat().st_size if pixels.is_file() else None
+    if found != expected:
+        raise DataError(f"{pixels} holds {found} bytes, but the header's {n} x 3 x {size} x {size} images need "
+                        f"{expected}: the cache is damaged; {redo}")
+    return header
+
+
+def is_cache(folder: Path) -> bool:
+    return (folder / CACHE_HEADER).is_file() or (folder / CACHE_PIXELS).is_file()
+
+
+def load_cache(folder: Path, image_size: int | None) -> ImageData:
+    """A prepared cache as ImageData whose ``images`` are DiskImages."""
+    header = read_cache_header(folder)
+    n, size = header["num_images"], header["image_size"]
+    if image_size is not None and image_size != size:
+        raise DataError(f"{folder} holds {size}x{size} images, not {image_size}x{image_size}; prepare a cache with "
+                        f"--size {image_size}, or train at image_size={size}")
+    labels = None
+    if (folder / CACHE_LABELS).is_file():
+        labels = labels_tensor(np.load(folder / CACHE_LABELS, allow_pickle=False), n, str(folder))
+    files = json.loads((folder / CACHE_FILES).read_text()) if (folder / CACHE_FILES).is_file() else {}
+    images = DiskImages(folder / CACHE_PIXELS, n, size)
+    return ImageData(images, labels, str(folder), header.get("classes"), files.get("skipped", []), files.get("paths"))
 
 
 def parse_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
@@ -368,11 +505,13 @@ def load_data(
             images = to_nchw_uint8(npz["images"], str(path))
             labels = labels_tensor(npz["labels"] if "labels" in npz else None, len(images), str(path))
         data = ImageData(images, labels, str(path))
+    elif kind == "folder" and Path(root).is_dir() and is_cache(Path(root)):
+        data = load_cache(Path(root), image_size)
     elif kind == "folder":
         path = Path(root)
         if not path.exists():
-            raise DataError(f"no folder {path}; give an ImageFolder directory, a .npz file, 'digits', or "
-                            f"NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
+            raise DataError(f"no folder {path}; give an ImageFolder directory, a deepclust prepare cache, a .npz file, "
+                            f"'digits', or NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
         if not path.is_dir():
             raise DataError(f"{path} is not a folder; give an ImageFolder directory or a .npz file")
         files, labels, classes = list_image_folder(path)
@@ -394,7 +533,8 @@ def load_data(
     if subset_imbalance is not None:
         data = long_tail_subset(data, subset_imbalance, subset_seed)
     size = image_size or min(data.images.shape[-2:])
-    data.images = square_uint8(data.images, size)
+    if not isinstance(data.images, DiskImages):  # a cache is already square, at its size (checked above)
+        data.images = square_uint8(data.images, size)
     log.info("loaded %s: %d images of %dx%d%s", data.name, len(data), size, size,
              "" if data.labels is None else f", {data.num_classes} classes")
     return data

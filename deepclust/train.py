@@ -91,7 +91,7 @@ class Run:
     def __post_init__(self):
         self.images = self.data.images
         self.model = self.model or self.method
-        if self.device.type == "cuda" and self.cfg.num_workers == 0:
+        if self.device.type == "cuda" and self.cfg.num_workers == 0 and torch.is_tensor(self.images):  # not a cache
             self.images = self.images.to(self.device)  # uint8 on the device: augmentation never waits for the host
 
     @property

@@ -286,8 +286,8 @@ def test_a_dataset_over_the_available_memory_fails_before_decoding_with_the_esti
     monkeypatch.setattr("deepclust.data.available_memory", lambda: 3071)
     with pytest.raises(DataError, match=re.escape(
             f"{folder}: 4 images of 16x16 need about 0.00 GiB (N x 3 x S x S bytes decoded), but 0.00 GiB of "
-            "memory are available; pass subset=N or a smaller image_size, or pre-decode the data with "
-            "`deepclust prepare` (planned, not available yet)")):
+            "memory are available; pass subset=N or a smaller image_size, or decode the data once into a cache "
+            "read from disk: `deepclust prepare SOURCE --out CACHE --size S`, then --data CACHE")):
         load_data(str(folder))
     monkeypatch.setattr("deepclust.data.available_memory", lambda: 3072)
     assert load_data(str(folder)).images.shape == (4, 3, 16, 16)

@@ -130,20 +130,22 @@ def exact_knn_graph(x: torch.Tensor, k: int, exclude_self: bool = True,
     the flops of a plain search): block (I, J) gives the rows of I their candidates among J (row-wise) and
     the rows of J theirs among I (column-wise), merged into running top-k lists. Blocks of
     ``block_elements`` similarities (default 2^20 on CPU, 4 MB: they stay in cache between the product
-    and the selection passes; 2^28 on GPU) reuse one buffer. ``compiled``: see ``merge_block``.
+    and the selection passes; 2^28 on GPU) reuse one buffer. ``compiled``: see ``merge_block``. Float16 rows (a
+    float16 memory bank) are multiplied a block at a time in float32, so no float32 copy of ``x`` is made.
     """
     n = x.shape[0]
     if block_elements is None:
         block_elements = 2**20 if x.device.type == "cpu" else 2**28
     size = max(1, min(n, math.isqrt(block_elements)))
-    sims = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    sims = torch.full((n, k), float("-inf"), dtype=dtype, device=x.device)
     idx = torch.zeros(n, k, dtype=torch.long, device=x.device)
-    buffer = torch.empty(size, size, dtype=x.dtype, device=x.device)  # reused: fresh pages cost 1.5x the product
+    buffer = torch.empty(size, size, dtype=dtype, device=x.device)  # reused: fresh pages cost 1.5x the product
     diag = torch.arange(size, device=x.device)
     for i in range(0, n, size):
-        rows = x[i:i + size]
+        rows = x[i:i + size].to(dtype)
         for j in range(i, n, size):
-            cols = x[j:j + size]
+            cols = x[j:j + size].to(dtype)
             s = buffer[:rows.shape[0], :cols.shape[0]]
             torch.mm(rows, cols.t(), out=s)
             if i == j and exclude_self:

@@ -51,7 +51,7 @@ class AND(NPID):
     def before_epoch(self, ctx: EpochContext) -> None:
         super().before_epoch(ctx)
         if ctx.epoch == 0 and ctx.round >= 1:
-            ent, nearest = bank_entropy_and_nearest(self.bank.features, self.config.tau)
+            ent, nearest = bank_entropy_and_nearest(self.bank.dense(), self.config.tau)
             anchors = select_anchors(ent, min(1.0, ctx.round * self.config.anchor_step))
             self.neighbours.fill_(-1)
             self.neighbours[anchors, 0] = nearest[anchors]

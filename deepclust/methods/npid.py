@@ -25,12 +25,14 @@ class NPID(Method):
         tau: float = 0.1  # softmax temperature
         bank_momentum: float = 0.5  # eta in m_i <- normalise((1 - eta) m_i + eta f_i)
         bank_init: str = "features"  # features (a feature pass before the first epoch) | random
+        bank_dtype: str = "float32"  # float16: the bank in half the memory (updates and logits in float32)
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         if self.config.bank_init not in ("random", "features"):
             raise ValueError(f"bank_init must be 'random' or 'features', not {self.config.bank_init!r}")
-        self.bank = MemoryBank(num_samples, backbone.embed_dim, self.config.bank_momentum)
+        self.bank = MemoryBank(num_samples, backbone.embed_dim, self.config.bank_momentum,
+                               dtype=self.config.bank_dtype)
         self.register_buffer("bank_filled", torch.zeros((), dtype=torch.bool))
 
     def before_epoch(self, ctx: EpochContext) -> None:

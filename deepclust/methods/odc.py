@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from ..backbones import Backbone
 from ..cluster import (
     ClusteringError,
-    centroid_sums,
     cluster_count,
     kmeans,
     nearest_centroid,
@@ -52,6 +51,7 @@ class ODC(Method):
         neck_dim: int = 256
         dropout: float = 0.5
         init_iters: int = 20  # k-means iterations of the initial clustering
+        bank_dtype: str = "float32"  # float16: the memory features in half the memory (computed in float32)
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
@@ -68,7 +68,7 @@ class ODC(Method):
                                   nn.ReLU(inplace=True), nn.Dropout(c.dropout), nn.Linear(c.neck_hidden, c.neck_dim),
                                   nn.ReLU(inplace=True))
         self.classifier = nn.Linear(c.neck_dim, c.k)
-        self.memory = MemoryBank(num_samples, c.neck_dim, c.memory_momentum)
+        self.memory = MemoryBank(num_samples, c.neck_dim, c.memory_momentum, dtype=c.bank_dtype)
         self.register_buffer("labels", torch.full((num_samples,), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(c.k, c.neck_dim))
         self.register_buffer("weights", torch.full((c.k,), 1.0 / c.k))
@@ -118,7 +118,7 @@ class ODC(Method):
         index = batch.index
         self.memory.update(index, outputs["neck"])
         old = self.labels[index]
-        new, _ = nearest_centroid(self.memory.features[index], self.centroids)
+        new, _ = nearest_centroid(self.memory.rows(index), self.centroids)
         self.touched[old] = True
         self.touched[new] = True
         self.labels[index] = new
@@ -138,7 +138,7 @@ class ODC(Method):
     def update_centroids(self, which: torch.Tensor | None = None) -> None:
         """Recompute the touched centroids (or ``which``) as the mean memory feature of their members."""
         which = self.touched if which is None else which
-        sums, counts = centroid_sums(self.memory.features, self.labels, self.config.k)
+        sums, counts = self.memory.class_sums(self.labels, self.config.k)
         update = which & (counts > 0)
         self.centroids[update] = sums[update] / counts[update].unsqueeze(1).float()
         self.touched.zero_()
@@ -147,7 +147,7 @@ class ODC(Method):
     def deal_with_small_clusters(self, seed: int) -> None:
         """Dissolve clusters of size <= min_cluster into the nearest normal ones, then give each freed id
         one half of the then-largest cluster (2-means). Ids stay 0..k-1, none ends up small or empty."""
-        k, feats = self.config.k, self.memory.features
+        k = self.config.k
         counts = torch.bincount(self.labels, minlength=k)
         small = torch.nonzero(counts <= self.min_cluster).flatten()
         if small.numel() == 0:
@@ -157,15 +157,15 @@ class ODC(Method):
             raise ClusteringError("odc: every cluster is small; lower min_cluster or k")
         members = torch.nonzero(torch.isin(self.labels, small)).flatten()
         if members.numel():
-            nearest, _ = nearest_centroid(feats[members], self.centroids[normal])
+            nearest, _ = nearest_centroid(self.memory.rows(members), self.centroids[normal])
             self.labels[members] = normal[nearest]
         for i, s in enumerate(small.tolist()):
             counts = torch.bincount(self.labels, minlength=k)
             largest = int(counts.argmax())
             rows = torch.nonzero(self.labels == largest).flatten()
-            half = split_in_two(feats[rows], seed * 1000 + i, self.min_cluster)
+            half = split_in_two(self.memory.rows(rows), seed * 1000 + i, self.min_cluster)
             self.labels[rows[half]] = s
-        changed = torch.zeros(k, dtype=torch.bool, device=feats.device)
+        changed = torch.zeros(k, dtype=torch.bool, device=self.labels.device)
         changed[normal] = True  # normal clusters received members
         changed[small] = True
         self.update_centroids(changed)

@@ -98,7 +98,7 @@ class PAD(NPID):
         others[rows, batch.index] = False
         grouped = others.any(1)
         hard = logits.detach().masked_fill(~others, float("inf")).argmin(1)  # least similar fellow member
-        target = self.bank.features[hard].clone()
+        target = self.bank.rows(hard)
         isolated = torch.nonzero(~grouped).flatten()
         # Only their second view is forwarded: the cost shrinks as the SCS share grows. Under torchrun every
         # rank joins the forward (its BatchNorm is a collective), even with no isolated sample of its own.
