@@ -162,7 +162,7 @@ def check_choices(merged: dict[str, Any]) -> None:
 
     choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
                "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard"),
-               "bank_dtype": ("float32", "float16")}
+               "bank_dtype": ("float32", "float16"), "memory_update": ("augmented", "clean")}
     for key, valid in choices.items():
         if key in merged and merged[key] not in valid:
             raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "

@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from . import distributed
-from .augment import Augment
+from .augment import Augment, test_transform
 from .backbones import Backbone
 from .board import TensorBoardLog, open_board
 from .checkpoint import (
@@ -255,7 +255,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
                  for _ in range(method.views)]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        batch = Batch(views, index)
+        batch = Batch(views, index, test_transform(pixels, augment.size) if method.clean_view else None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, outputs = run.model(batch)
         run.optimizer.zero_grad(set_to_none=True)

@@ -12,11 +12,11 @@ from helpers import assert_resume_equals_uninterrupted, context, read_rows, run_
 
 from deepclust.backbones import Backbone
 from deepclust.checkpoint import load_checkpoint
-from deepclust.cluster import ClusteringError
+from deepclust.cluster import ClusteringError, class_weights
 from deepclust.methods import METHODS, Batch
 from deepclust.methods.anchor_neighbourhood import bank_entropy_and_nearest, select_anchors
 from deepclust.methods.deepcluster import DeepCluster
-from deepclust.methods.odc import ODC, class_weights
+from deepclust.methods.odc import ODC
 from deepclust.methods.uic import UIC, split_empty_classes
 from deepclust.train import train
 
@@ -122,6 +122,33 @@ def test_odc_step_updates_memory_with_momentum_and_relabels_to_nearest_centroid(
     assert m.labels.tolist() == [1, 1, 0, 1]
     assert m.touched.tolist() == [True, True]
     assert m.batch_changes == [0.0, 1.0]
+
+
+def test_odc_clean_memory_update_uses_the_unaugmented_image_in_eval_mode():
+    torch.manual_seed(0)
+    m = ODC(Backbone("convnet", 16, width=8), 8, ODC.Config(k=2, neck_hidden=8, neck_dim=4, memory_update="clean"))
+    assert m.clean_view
+    m.labels.copy_(torch.arange(8) % 2)
+    m.train()
+    augmented, clean = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    _, outputs = m.loss(Batch([augmented], torch.arange(4), clean))
+    m.eval()
+    with torch.no_grad():
+        expected = m.neck(m.backbone.features(clean))
+        assert torch.allclose(outputs["neck"], expected, atol=1e-6)  # eval mode: dropout off, running BN
+        assert not torch.allclose(outputs["neck"], m.neck(m.backbone.features(augmented)))
+    m.train()
+    m.loss(Batch([augmented], torch.arange(4), clean))
+    assert m.training and m.neck.training and m.backbone.training  # the eval-mode pass restores train mode
+
+
+def test_odc_clean_memory_update_trains_end_to_end(tmp_path):
+    """The trainer passes each batch un-augmented (Batch.clean) when the method asks; ODC's memory stays unit-norm."""
+    cfg, hp = run_cfg(tmp_path, "odc", k=4, min_cluster=2, epochs=1, memory_update="clean")
+    row = train(cfg, hp)
+    assert math.isfinite(row["loss"]) and 0.0 <= row["label_change"] <= 1.0
+    bank = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["state"]["memory.features"]
+    assert torch.allclose(bank.float().norm(dim=1), torch.ones(bank.shape[0]), atol=1e-3)
 
 
 def test_odc_recomputes_touched_centroids_every_interval():

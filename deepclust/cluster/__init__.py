@@ -13,13 +13,14 @@ from .kmeans import (
     centroid_sums,
     check_cluster_count,
     cluster_count,
+    dissolve_small_clusters,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
     split_in_two,
 )
 from .pca import pca_whiten
-from .sampling import balanced_indices
+from .sampling import balanced_indices, class_weights
 from .scs import scs_stats, singletons_apart, strongly_connected_subgraphs
 
 
@@ -32,6 +33,7 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 
 __all__ = [
     "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
-    "cluster_count", "cluster_geometry", "kmeans", "knn_graph", "nearest_centroid", "pca_whiten", "scs_stats",
-    "singletons_apart", "size_stats", "split_empty_clusters", "split_in_two", "strongly_connected_subgraphs",
+    "class_weights", "cluster_count", "cluster_geometry", "dissolve_small_clusters", "kmeans", "knn_graph",
+    "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats", "split_empty_clusters",
+    "split_in_two", "strongly_connected_subgraphs",
 ]

@@ -179,3 +179,32 @@ def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:
     side = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     side[proj.argsort()[x.shape[0] // 2:]] = True
     return side
+
+
+@torch.no_grad()
+def dissolve_small_clusters(labels: torch.Tensor, rows_of, centroids: torch.Tensor, min_size: int,
+                            seed: int) -> torch.Tensor | None:
+    """ODC's repair, in place on ``labels``: clusters of ``min_size`` members or fewer are dissolved into the
+    nearest normal ones (by ``centroids``), then each freed id takes one half of the then-largest cluster
+    (2-means on ``rows_of(member ids)``). Ids stay 0..k-1 and none ends up small or empty. Returns the mask
+    of clusters whose members changed (their centroids are stale), or None when nothing was small."""
+    k = centroids.shape[0]
+    counts = torch.bincount(labels, minlength=k)
+    small = torch.nonzero(counts <= min_size).flatten()
+    if small.numel() == 0:
+        return None
+    normal = torch.nonzero(counts > min_size).flatten()
+    if normal.numel() == 0:
+        raise ClusteringError("odc: every cluster is small; lower min_cluster or k")
+    members = torch.nonzero(torch.isin(labels, small)).flatten()
+    if members.numel():
+        nearest, _ = nearest_centroid(rows_of(members), centroids[normal])
+        labels[members] = normal[nearest]
+    for i, s in enumerate(small.tolist()):
+        counts = torch.bincount(labels, minlength=k)
+        rows = torch.nonzero(labels == int(counts.argmax())).flatten()
+        labels[rows[split_in_two(rows_of(rows), seed * 1000 + i, min_size)]] = s
+    changed = torch.zeros(k, dtype=torch.bool, device=labels.device)
+    changed[normal] = True  # normal clusters received members
+    changed[small] = True
+    return changed

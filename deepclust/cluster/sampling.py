@@ -26,3 +26,10 @@ def balanced_indices(labels: torch.Tensor, num_samples: int, gen: torch.Generato
     rank = torch.arange(num_samples) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     picks = order[starts[draw_class] + rank % sizes[draw_class]]
     return picks[torch.randperm(num_samples, generator=gen)]
+
+
+def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Loss weight per class, w_c proportional to 1 / sqrt(N_c), summing to 1 over non-empty classes (ODC)."""
+    counts = torch.bincount(labels, minlength=k).float()
+    w = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
+    return w / w.sum()

@@ -22,6 +22,7 @@ from ..backbones import Backbone
 class Batch:
     views: list[torch.Tensor]  # augmented views, each (B, 3, S, S) normalised float
     index: torch.Tensor  # (B,) sample ids on the training device
+    clean: torch.Tensor | None = None  # the un-augmented images (test transform), for methods that ask
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Method(nn.Module):
     # Augmented views per image in a batch. A method whose count changes between epochs sets ``self.views``
     # in before_epoch (PCP: 2 during its warm-up, then 1); the class value is the most it uses.
     views: int = 1
+    clean_view: bool = False  # True: the trainer also passes each batch un-augmented (Batch.clean)
     eval_feature: ClassVar[str] = "embedding"  # which features the kNN protocol reads
     trains: ClassVar[bool] = True  # False for the random-init reference
     uses_labels: ClassVar[bool] = False  # only the supervised reference

@@ -10,27 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..cluster import (
-    ClusteringError,
-    cluster_count,
-    kmeans,
-    nearest_centroid,
-    size_stats,
-    split_in_two,
-)
+from ..cluster import class_weights, cluster_count, dissolve_small_clusters, kmeans, nearest_centroid, size_stats
 from ..distributed import gather_rows
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from .base import Batch, EpochContext, Method
 
 log = logging.getLogger(__name__)
-
-
-def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Loss weight per class, w_c proportional to 1 / sqrt(N_c), summing to 1 over non-empty classes."""
-    counts = torch.bincount(labels, minlength=k).float()
-    w = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
-    return w / w.sum()
 
 
 class ODC(Method):
@@ -51,12 +37,17 @@ class ODC(Method):
         neck_dim: int = 256
         dropout: float = 0.5
         init_iters: int = 20  # k-means iterations of the initial clustering
+        # Which feature updates the memory after a step: the augmented view's, train mode (the paper), or
+        # "clean": the un-augmented image's in eval mode, as the memory was initialised. On 32 px CIFAR
+        # the augmented update relabels ~90% of images an epoch even for a frozen network (BENCHMARKS.md).
+        memory_update: str = "augmented"
         bank_dtype: str = "float32"  # float16: the memory features in half the memory (computed in float32)
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         c = self.config
         c.k = cluster_count(c.k, num_samples, "odc")  # in place: the run records it
+        self.clean_view = c.memory_update == "clean"
         self.min_cluster = c.min_cluster
         # Splitting the largest cluster must leave halves above the threshold: largest >= N/k > 2 t + 1.
         if 2 * c.min_cluster + 2 > num_samples / c.k:
@@ -105,13 +96,21 @@ class ODC(Method):
     def loss(self, batch: Batch):
         z = self.neck(self.backbone.features(batch.views[0]))
         logits = self.classifier(z).float()
+        if self.clean_view:  # the loss trains on the augmented view; the memory sees the clean image
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                z_update = self.neck(self.backbone.features(batch.clean))
+            self.train(was_training)
+        else:
+            z_update = z
         target = self.labels[batch.index]
         w = self.weights[target]
         # Weighted mean over the global batch, sum w_i l_i / sum w_i: under torchrun the trainer averages
         # per-sample means, so each rank divides by its count times the global batch's mean weight.
         mean_w = gather_rows(w).mean()
         loss = (w * F.cross_entropy(logits, target, reduction="none")).sum() / (w.numel() * mean_w)
-        return loss, {"neck": z}
+        return loss, {"neck": z_update}
 
     @torch.no_grad()
     def after_step(self, batch: Batch, outputs) -> None:
@@ -145,30 +144,9 @@ class ODC(Method):
 
     @torch.no_grad()
     def deal_with_small_clusters(self, seed: int) -> None:
-        """Dissolve clusters of size <= min_cluster into the nearest normal ones, then give each freed id
-        one half of the then-largest cluster (2-means). Ids stay 0..k-1, none ends up small or empty."""
-        k = self.config.k
-        counts = torch.bincount(self.labels, minlength=k)
-        small = torch.nonzero(counts <= self.min_cluster).flatten()
-        if small.numel() == 0:
-            return
-        normal = torch.nonzero(counts > self.min_cluster).flatten()
-        if normal.numel() == 0:
-            raise ClusteringError("odc: every cluster is small; lower min_cluster or k")
-        members = torch.nonzero(torch.isin(self.labels, small)).flatten()
-        if members.numel():
-            nearest, _ = nearest_centroid(self.memory.rows(members), self.centroids[normal])
-            self.labels[members] = normal[nearest]
-        for i, s in enumerate(small.tolist()):
-            counts = torch.bincount(self.labels, minlength=k)
-            largest = int(counts.argmax())
-            rows = torch.nonzero(self.labels == largest).flatten()
-            half = split_in_two(self.memory.rows(rows), seed * 1000 + i, self.min_cluster)
-            self.labels[rows[half]] = s
-        changed = torch.zeros(k, dtype=torch.bool, device=self.labels.device)
-        changed[normal] = True  # normal clusters received members
-        changed[small] = True
-        self.update_centroids(changed)
+        changed = dissolve_small_clusters(self.labels, self.memory.rows, self.centroids, self.min_cluster, seed)
+        if changed is not None:
+            self.update_centroids(changed)
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         self.refresh()  # close the epoch as an interval boundary does: no epoch ends with a small cluster
