@@ -29,7 +29,7 @@ def run(procs: int, args: argparse.Namespace, out: Path) -> dict:
            f"batch_size={args.batch_size}", f"width={args.width}", "eval_every=0", "progress=false",
            f"threads={threads}", *args.set]
     if procs > 1:
-        cmd[3:3] = ["--nproc", str(procs)]
+        cmd[4:4] = ["--nproc", str(procs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
