@@ -144,7 +144,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- runs: {', '.join(f'`{d}`' for d in summary['dirs'])}; data `{first.get('data')}` "
         f"({first.get('train_images')} train images), test `{first.get('test_data')}` "
         f"({first.get('test_images')} images)",
-        f"- {summary['date']}, host: {summary['host']}; mean ± sample std over seeds; all numbers in %",
+        f"- {summary['date']}, host: {summary['host']}; mean ± sample std over seeds; accuracy and mAP in %, "
+        "times in seconds",
         f"- command: `{' '.join(summary['argv'])}`", "",
     ]
     layer_cols = [(k, k.removeprefix("linear_top1_")) for k in stages] + [("linear_top1", "pooled")]

@@ -41,7 +41,8 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
     n), whichever ``protocols`` asks for;
     ``("all",)`` runs each one the data allows and lists the others under ``skipped``. With ``layers``
     (stage names, or ``("all",)``) the linear protocol also probes each stage's features pooled to about
-    ``layer_dim`` dimensions (``linear_top1_<stage>``; the dimensions under ``layer_dims``)."""
+    ``layer_dim`` dimensions (``linear_top1_<stage>``, always with the fast probe; the dimensions under
+    ``layer_dims``)."""
     strict = protocols != ("all",)  # "all": every protocol the data allows; the others are listed as skipped
     protocols = PROTOCOLS if not strict else protocols
     unknown = set(protocols) - set(PROTOCOLS)
