@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deepclust.eval.lowshot import LOWSHOT_SHOTS
+from deepclust.eval.lowshot import LOWSHOT_SHOTS, fillable_shots
 
 from .run import fmt, host_info, mean_std, method_order
 
@@ -91,9 +91,8 @@ def evaluate_unit(ckpt: Path, sections: tuple[str, ...], args: argparse.Namespac
     if "fewshot" in todo:
         out.update(timed("fewshot", ("fewshot",), fewshot_shots=(1, 5), fewshot_episodes=args.episodes))
     if "lowshot" in todo:  # the shot values every class of the training data can fill
-        smallest = int(train.labels.bincount()[train.labels.unique()].min())
-        shots = tuple(n for n in LOWSHOT_SHOTS if n <= smallest)
-        out.update(timed("lowshot", ("lowshot",), lowshot_shots=shots, lowshot_draws=args.lowshot_draws))
+        out.update(timed("lowshot", ("lowshot",), lowshot_shots=fillable_shots(train.labels, LOWSHOT_SHOTS),
+                         lowshot_draws=args.lowshot_draws))
     if "probes" in todo:
         fast = timed("fast_probe", ("linear",))
         sgd = timed("sgd_probe", ("linear",), probe="sgd", probe_epochs=args.probe_epochs)

@@ -269,6 +269,11 @@ def test_eval_transfers_a_backbone_to_other_data_and_skips_what_it_cannot_run(tm
     assert "knn_top1" in got and not any(k.startswith("fewshot_4way") for k in got)
     assert got["skipped"] == ["fewshot 1-shot: 4-way 1-shot episodes with 15 queries need 4 classes of at least "
                               "16 images; the data has 0; lower ways, shots or queries"]
+    # 3 training images per class: --protocol all runs the low-shot SVMs with the shot values they allow
+    got = run_json(capsys, "eval", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data", tmp_path / "small.npz",
+                   "--test-data", source, "--protocol", "all", "--episodes", "20")
+    assert 0 < got["lowshot_map_2shot"] <= 100 and "lowshot_map_4shot" not in got
+    assert f"lowshot [4, 8, 16] shots: a class of {tmp_path / 'small.npz'} has fewer training images" in got["skipped"]
     rc = main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", source, "--test-data",
                str(tmp_path / "small.npz"), "--protocol", "fewshot"])
     assert rc == 2 and "few-shot on" in capsys.readouterr().err

@@ -25,6 +25,12 @@ LOWSHOT_SHOTS = (1, 2, 4, 8, 16)
 LOWSHOT_DRAWS = 5  # "five independent samples" (ODC, Fig. 3)
 
 
+def fillable_shots(labels: torch.Tensor, shots: tuple[int, ...]) -> tuple[int, ...]:
+    """The shot values that every class of ``labels`` has enough images for."""
+    smallest = int(labels.cpu().bincount()[labels.cpu().unique()].min())
+    return tuple(n for n in shots if n <= smallest)
+
+
 def class_svm_map(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
                   classes: np.ndarray, cost: float, seed: int) -> float:
     """mAP (%) over ``classes`` of one-vs-rest linear SVMs trained on ``train`` and scored on ``test``."""

@@ -16,7 +16,7 @@ from .knn import knn_accuracy
 from .layers import LAYER_TARGET_DIM, layer_features
 from .linear import linear_probe
 from .linear_sgd import sgd_linear_probe
-from .lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS, lowshot_svm
+from .lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS, fillable_shots, lowshot_svm
 
 PROTOCOLS = ("knn", "linear", "cluster", "fewshot", "lowshot")
 CLUSTER_ON = ("test", "train+test")
@@ -100,9 +100,14 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
                 continue
             out[f"fewshot_{ways}way_{shots}shot"], out[f"fewshot_{ways}way_{shots}shot_ci95"] = score.values()
     if "lowshot" in protocols:
+        shots = tuple(lowshot_shots) if strict else fillable_shots(ytr, tuple(lowshot_shots))
+        if len(shots) < len(lowshot_shots):
+            out.setdefault("skipped", []).append(f"lowshot {sorted(set(lowshot_shots) - set(shots))} shots: a "
+                                                 f"class of {train.name} has fewer training images")
         try:
-            out.update(lowshot_svm(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte,
-                                   tuple(lowshot_shots), lowshot_draws, svm_cost, seed))
+            if shots:
+                out.update(lowshot_svm(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte,
+                                       shots, lowshot_draws, svm_cost, seed))
         except ValueError as err:
             if strict:
                 raise DataError(f"low-shot SVMs on {train.name}: {err}") from err
