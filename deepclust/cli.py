@@ -22,6 +22,8 @@ from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
 from .eval import PROTOCOLS, evaluate_backbone, extract_features
+from .eval.lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS
+from .eval.protocols import PROBES
 from .safety import RunError, RunInterrupted
 
 log = logging.getLogger("deepclust")
@@ -82,6 +84,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.layers and args.protocol not in ("linear", "all"):
         raise ConfigError(f"--layers probes stages with the linear protocol; use --protocol linear or all, not "
                           f"{args.protocol}")
+    if args.probe != "fast" and args.protocol not in ("linear", "all"):
+        raise ConfigError(f"--probe {args.probe} trains the linear protocol's probe; use --protocol linear or all, "
+                          f"not {args.protocol}")
     payload = load_checkpoint(args.checkpoint)
     device = torch.device(args.device)
     model = backbone_from_checkpoint(payload).to(device)
@@ -94,16 +99,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "feature": "pooled" if args.protocol == "linear" else feature}
     if args.protocol in ("knn", "all"):
         result["k"] = args.k
+    if args.protocol in ("linear", "all"):
+        result["probe"] = args.probe
+        if args.probe == "sgd":
+            result.update(probe_epochs=args.probe_epochs, seed=args.seed)
     if args.protocol in ("linear", "all") and args.layers:
         result["layer_dim"] = args.layer_dim
     if args.protocol in ("cluster", "all"):
         result["cluster_on"] = args.cluster_on
     if args.protocol in ("fewshot", "all"):
         result.update(fewshot_queries=args.queries, fewshot_episodes=args.episodes, seed=args.seed)
+    if args.protocol in ("lowshot", "all"):
+        result.update(lowshot_draws=args.lowshot_draws, svm_cost=args.svm_cost, seed=args.seed)
     result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau,
                                     args.cluster_on, args.ways, tuple(args.shots), args.queries, args.episodes,
                                     args.seed, tuple(args.layers.split(",")) if args.layers else (),
-                                    args.layer_dim))
+                                    args.layer_dim, probe=args.probe, probe_epochs=args.probe_epochs,
+                                    lowshot_shots=tuple(args.lowshot_shots), lowshot_draws=args.lowshot_draws,
+                                    svm_cost=args.svm_cost))
     if args.json:
         print(json.dumps(result))
     else:
@@ -179,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="fewshot: support images per class")
     e.add_argument("--queries", type=int, default=15, help="fewshot: query images per class and episode")
     e.add_argument("--episodes", type=int, default=600, help="fewshot: episodes averaged")
-    e.add_argument("--seed", type=int, default=0, help="fewshot: seed of the episode draws")
+    e.add_argument("--probe", choices=PROBES, default="fast",
+                   help="linear: fast (L-BFGS on cached features) or sgd (the papers' SGD on augmented crops)")
+    e.add_argument("--probe-epochs", type=int, default=32, help="--probe sgd: epochs (lr /10 at 10, 20, 30 of 32)")
+    e.add_argument("--lowshot-shots", type=int, nargs="+", default=list(LOWSHOT_SHOTS),
+                   help="lowshot: positives per class of the SVMs")
+    e.add_argument("--lowshot-draws", type=int, default=LOWSHOT_DRAWS, help="lowshot: random draws per shot value")
+    e.add_argument("--svm-cost", type=float, default=1.0, help="lowshot: the SVMs' cost C")
+    e.add_argument("--seed", type=int, default=0, help="fewshot, lowshot, --probe sgd: seed of the random draws")
     e.add_argument("--device", default="cpu")
     e.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
     e.add_argument("--json", action="store_true")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +79,36 @@ def test_gain_is_paired_with_each_seeds_own_untrained_network_when_logged(tmp_pa
                if r["method"] == "is")
     assert row["knn_gain"] == 11.0 and row["knn_gain_spread"] == 1.0  # differences 10, 11, 12
     assert "| is | 42.00 ± 2.00 | +11.00 paired (11.0x spread) |" in (tmp_path / "merged" / "results.md").read_text()
+
+
+def test_protocols_tabulates_every_method_and_seed_of_a_harness_folder_and_reruns_only_what_is_missing(
+        tmp_path, trained_run):
+    from benchmarks.protocols import main as protocols_main
+
+    for seed in (0, 1):  # a harness layout: DIR/METHOD/seedS with the checkpoint and its config.yaml
+        unit = tmp_path / "runs" / "npid" / f"seed{seed}"
+        unit.mkdir(parents=True)
+        for name in ("checkpoint.pt", "config.yaml"):
+            shutil.copy(trained_run / name, unit / name)
+    out = tmp_path / "proto"
+    argv = [str(tmp_path / "runs"), "--out", str(out), "--episodes", "50", "--lowshot-draws", "2",
+            "--layer-dim", "256"]
+    assert protocols_main(argv) == 0
+    summary = json.loads((out / "protocols.json").read_text())
+    assert [(u["method"], u["seed"]) for u in summary["units"]] == [("npid", 0), ("npid", 1)]
+    row = summary["methods"][0]
+    assert row["method"] == "npid" and row["seeds"] == [0, 1]
+    for key in ("linear_top1_block1", "linear_top1_block4", "linear_top1", "fewshot_5way_1shot",
+                "fewshot_5way_5shot", "lowshot_map_1shot", "lowshot_map_8shot", "lowshot_map"):
+        assert 10 < row[key] <= 100 and row[f"{key}_std"] == 0.0  # one checkpoint twice: the same numbers
+    assert "lowshot_map_16shot" not in row  # the run's 200-image subset has a class of 13 images
+    md = (out / "protocols.md").read_text()
+    assert "| method | seeds | block1 | block2 | block3 | block4 | pooled |" in md
+    assert "| npid | 2 | " in md and "SVM mAP mean" in md
+    # a rerun evaluates only what is missing: a number planted in a unit's file survives it
+    unit_file = out / "units" / "npid_seed0.json"
+    planted = json.loads(unit_file.read_text()) | {"fewshot_5way_1shot": -1.0}
+    unit_file.write_text(json.dumps(planted))
+    assert protocols_main(argv) == 0
+    assert json.loads((out / "protocols.json").read_text())["units"][0]["fewshot_5way_1shot"] == -1.0
+    assert protocols_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -1,4 +1,5 @@
-"""The papers' other protocols: few-shot episodes, long-tail subsets, per-layer probes, --protocol all, transfer."""
+"""The papers' other protocols: few-shot episodes, low-shot SVMs, the SGD linear probe, long-tail subsets,
+per-layer probes, --protocol all, transfer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helpers import tiny_npz
 from deepclust.backbones import Backbone
 from deepclust.cli import main
 from deepclust.data import DataError, load_data, load_train_test, long_tail_counts
-from deepclust.eval import extract_features, fewshot_accuracy
+from deepclust.eval import extract_features, fewshot_accuracy, lowshot_svm, sgd_linear_probe
 from deepclust.eval.layers import layer_features
 
 
@@ -78,6 +79,83 @@ def test_eval_fewshot_cli_reports_both_shots(trained_checkpoint, capsys):
         assert 0 < got[f"fewshot_5way_{shots}shot_ci95"] < 10
     assert got["fewshot_5way_5shot"] > got["fewshot_5way_1shot"]
     assert got["fewshot_episodes"] == 100
+
+
+# --- low-shot SVMs ------------------------------------------------------------------------------
+
+
+def one_hot_features(classes: int, per_class: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return F.one_hot(labels, classes).float() + noise * torch.randn(len(labels), classes, generator=gen(seed)), labels
+
+
+def test_lowshot_separable_features_give_full_map_at_one_shot():
+    train, ytr = one_hot_features(8, 20, 0.05, 10)
+    test, yte = one_hot_features(8, 30, 0.05, 11)
+    got = lowshot_svm(train, ytr, test, yte, shots=(1, 4), draws=3)
+    assert got == pytest.approx({"lowshot_map_1shot": 100.0, "lowshot_map_1shot_std": 0.0, "lowshot_map_4shot": 100.0,
+                                 "lowshot_map_4shot_std": 0.0, "lowshot_map": 100.0}, abs=1e-9)
+
+
+def test_lowshot_random_features_are_at_chance_and_the_draws_follow_the_seed():
+    ytr, yte = torch.arange(5).repeat_interleave(20), torch.arange(5).repeat_interleave(400)
+    train, test = torch.randn(100, 16, generator=gen(12)), torch.randn(2000, 16, generator=gen(13))
+    got = lowshot_svm(train, ytr, test, yte, shots=(1, 8), draws=4, seed=3)
+    # the average precision of a random ranking is about the positives' share: 1 / 5
+    assert abs(got["lowshot_map"] - 20.0) < 2.0 and got["lowshot_map_1shot_std"] > 0
+    assert lowshot_svm(train, ytr, test, yte, shots=(1, 8), draws=4, seed=3) == got
+    assert lowshot_svm(train, ytr, test, yte, shots=(1, 8), draws=4, seed=4) != got
+    # noisy clusters: more positives per class give better SVMs
+    train, ytr = one_hot_features(5, 20, 0.6, 14)
+    test, yte = one_hot_features(5, 100, 0.6, 15)
+    got = lowshot_svm(train, ytr, test, yte, shots=(1, 16), draws=4)
+    assert got["lowshot_map_16shot"] > got["lowshot_map_1shot"] + got["lowshot_map_1shot_std"]
+    with pytest.raises(ValueError, match="the smallest class has 20; lower the shot values"):
+        lowshot_svm(train, ytr, test, yte, shots=(32,))
+
+
+def test_eval_lowshot_cli_and_all(trained_checkpoint, capsys):
+    got = run_json(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", "digits", "--protocol", "lowshot",
+                   "--lowshot-shots", "1", "8", "--lowshot-draws", "2")
+    assert got["lowshot_draws"] == 2 and got["svm_cost"] == 1.0
+    assert 10 < got["lowshot_map_1shot"] < got["lowshot_map_8shot"] <= 100  # chance is about 10% on digits
+    assert got["lowshot_map"] == pytest.approx((got["lowshot_map_1shot"] + got["lowshot_map_8shot"]) / 2)
+    rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--protocol", "lowshot",
+               "--lowshot-shots", "500"])
+    assert rc == 2 and "500 positives per class need 500 training images" in capsys.readouterr().err
+
+
+# --- SGD linear probe ----------------------------------------------------------------------------
+
+
+def colour_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy 16 px images whose class (of 3) is the bright channel: any crop or flip keeps it."""
+    labels = torch.arange(n) % 3
+    images = torch.randint(0, 80, (n, 3, 16, 16), generator=gen(seed))
+    images[torch.arange(n), labels] += 150
+    return images.to(torch.uint8), labels
+
+
+def test_sgd_probe_learns_separable_data_and_leaves_the_backbone_alone():
+    torch.manual_seed(0)
+    model = Backbone("convnet", 16, width=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, ytr = colour_images(96, 20)
+    test, yte = colour_images(48, 21)
+    acc = sgd_linear_probe(model, train, ytr, test, yte, epochs=12, batch_size=32, seed=1)
+    assert acc == 100.0
+    assert model.training  # mode restored
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_sgd_probe_cli(trained_checkpoint, capsys):
+    got = run_json(capsys, "eval", "--checkpoint", trained_checkpoint, "--data", "digits", "--protocol", "linear",
+                   "--probe", "sgd", "--probe-epochs", "4")
+    assert got["probe"] == "sgd" and got["probe_epochs"] == 4
+    assert 20 < got["linear_top1"] <= 100  # chance is 10% on digits
+    rc = main(["eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--probe", "sgd"])
+    assert rc == 2 and "use --protocol linear or all, not knn" in capsys.readouterr().err
 
 
 # --- long-tail subset ----------------------------------------------------------------------------
@@ -164,6 +242,7 @@ def test_eval_all_writes_every_protocol_in_one_json(trained_checkpoint, capsys):
     assert got["protocol"] == "all" and "skipped" not in got
     assert 20 < got["knn_top1"] <= 100 and 20 < got["linear_top1"] <= 100
     assert 0 < got["nmi"] <= 1 and 20 < got["fewshot_5way_1shot"] <= 100
+    assert 10 < got["lowshot_map"] <= 100 and got["probe"] == "fast"
     assert "linear_top1_block1" not in got  # stages only with --layers
 
 
@@ -190,6 +269,11 @@ def test_eval_transfers_a_backbone_to_other_data_and_skips_what_it_cannot_run(tm
     assert "knn_top1" in got and not any(k.startswith("fewshot_4way") for k in got)
     assert got["skipped"] == ["fewshot 1-shot: 4-way 1-shot episodes with 15 queries need 4 classes of at least "
                               "16 images; the data has 0; lower ways, shots or queries"]
+    # 3 training images per class: --protocol all runs the low-shot SVMs with the shot values they allow
+    got = run_json(capsys, "eval", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data", tmp_path / "small.npz",
+                   "--test-data", source, "--protocol", "all", "--episodes", "20")
+    assert 0 < got["lowshot_map_2shot"] <= 100 and "lowshot_map_4shot" not in got
+    assert f"lowshot [4, 8, 16] shots: a class of {tmp_path / 'small.npz'} has fewer training images" in got["skipped"]
     rc = main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", source, "--test-data",
                str(tmp_path / "small.npz"), "--protocol", "fewshot"])
     assert rc == 2 and "few-shot on" in capsys.readouterr().err

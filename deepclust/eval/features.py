@@ -30,6 +30,11 @@ def inference_trunk(model: Backbone) -> nn.Module:
         return model.trunk
 
 
+def pooled_features(model: Backbone, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's pooled features of a transformed batch, through ``trunk`` (e.g. ``inference_trunk``)."""
+    return trunk(model.sobel(x) if model.sobel is not None else x)
+
+
 @torch.no_grad()
 def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embedding", batch_size: int | None = None,
                      device: torch.device | str = "cpu", image_size: int | None = None,
@@ -53,7 +58,7 @@ def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embe
         x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f = trunk(model.sobel(x) if model.sobel is not None else x)
+            f = pooled_features(model, trunk, x)
             f = model.embed(f) if feature == "embedding" else f
         out.append(f.float())
     model.train(was_training)
