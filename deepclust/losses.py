@@ -60,7 +60,12 @@ def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.
     A batch split across processes passes the whole batch's views as ``all1``, ``all2`` (the candidates j;
     no gradient flows into them anyway) and where its own rows start in them, ``offset``.
     """
-    z = torch.cat((z1, z2)).float()
+    with torch.autocast(z1.device.type, enabled=False):  # in bf16, 1 - 1e-6 rounds to 1 and log1p(-1) = -inf
+        return _invariant_spreading_loss(z1.float(), z2.float(), tau, all1, all2, offset)
+
+
+def _invariant_spreading_loss(z1, z2, tau, all1, all2, offset) -> torch.Tensor:
+    z = torch.cat((z1, z2))
     b = z1.shape[0]
     candidates = torch.cat((z1 if all1 is None else all1, z2 if all2 is None else all2)).float().detach()
     whole = candidates.shape[0] // 2
@@ -76,8 +81,8 @@ def invariant_spreading_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.
     log_pos = log_p[rows, partner]
     neg_mask = ~self_mask
     neg_mask[rows, partner] = False
-    log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
-    return -(log_pos + (log_not * neg_mask).sum(1)).mean()
+    log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).masked_fill(~neg_mask, 0.0)  # no -inf * 0
+    return -(log_pos + log_not.sum(1)).mean()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

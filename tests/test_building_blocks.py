@@ -348,3 +348,15 @@ def test_cluster_count_keeps_the_papers_cluster_size():
     assert cluster_count(7, 60) == 7  # a k the user sets is kept
     with pytest.raises(ClusteringError, match="k = 70 clusters but only 60 samples"):
         cluster_count(70, 60)
+
+def test_invariant_spreading_loss_stays_finite_under_bf16_autocast():
+    """A partner probability of ~1 (small batch, sharp tau): in bf16 the clamp at 1 - 1e-6 rounds to 1 and
+    log1p(-1) * 0 made the loss NaN (the medium profile's IS runs died at an epoch's last small batch)."""
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = invariant_spreading_loss(z, z.detach().clone(), 0.02)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.allclose(loss, invariant_spreading_loss(z, z.detach().clone(), 0.02))
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
