@@ -67,9 +67,9 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def part_sizes(n: int, world: int | None = None) -> list[int]:
+def part_sizes(n: int) -> list[int]:
     """Rows of each rank when ``n`` rows are split in contiguous parts (the first ``n % world`` get one more)."""
-    world = world or world_size()
+    world = world_size()
     return [n // world + (r < n % world) for r in range(world)]
 
 
@@ -140,7 +140,7 @@ def broadcast_state(module: nn.Module) -> None:
 
 def sharded_rows(fn, n: int) -> torch.Tensor:
     """``fn(slice)`` on this rank's part of ``n`` rows, gathered: a feature pass split across ranks."""
-    return gather_rows(fn(local_part(n)) if world_size() > 1 else fn(slice(0, n)))
+    return gather_rows(fn(local_part(n)))  # one process: the part is every row and the gather is the identity
 
 
 class _AllReduceSum(torch.autograd.Function):
