@@ -59,6 +59,7 @@ class TrainConfig:
     logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
     init: str | None = None  # start the backbone from this checkpoint
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
+    checkpoint_every: int | None = None  # also checkpoint every this many steps inside an epoch (hours-long epochs)
     nan_policy: str = "stop"  # a NaN/inf loss: stop (naming where; the last checkpoint is kept) | skip the step
     # evaluation
     eval_every: int = 1  # epochs between kNN evaluations (0: only at the end)
@@ -170,8 +171,8 @@ def check_choices(merged: dict[str, Any]) -> None:
     if merged.get("subset_imbalance") is not None and merged["subset_imbalance"] < 1:
         raise ConfigError(f"subset_imbalance must be at least 1 (largest / smallest class), got "
                           f"{merged['subset_imbalance']}")
-    for key in ("epochs", "rounds", "batch_size"):
-        if key in merged and merged[key] < 1:
+    for key in ("epochs", "rounds", "batch_size", "checkpoint_every"):
+        if merged.get(key) is not None and merged[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {merged[key]}")
 
 

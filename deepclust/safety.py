@@ -185,14 +185,15 @@ def stop_on_signals() -> Iterator[StopRequest]:
         STOP.signum = None
 
 
-def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int) -> None:
+def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int, resume_step: int | None = None) -> None:
     """After a step: if a stop was requested, raise RunInterrupted saying how to resume."""
     if STOP.signum is None:
         return
     name = signal.Signals(STOP.signum).name
-    raise RunInterrupted(f"stopped by {name} at {where}. {checkpoint} resumes at epoch {resume_epoch} (an "
-                         f"unfinished epoch is redone, so the result equals an uninterrupted run): run the "
-                         f"same command with --resume", STOP.signum)
+    at = (f"epoch {resume_epoch} (an unfinished epoch is redone, so the result equals an uninterrupted run)"
+          if resume_step is None else f"epoch {resume_epoch}, step {resume_step} (where it stopped)")
+    raise RunInterrupted(f"stopped by {name} at {where}. {checkpoint} resumes at {at}: run the same command "
+                         "with --resume", STOP.signum)
 
 
 class LossGuard:

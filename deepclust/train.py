@@ -87,6 +87,7 @@ class Run:
     start: int = 0  # next global epoch (round * epochs + epoch)
     images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
     model: torch.nn.Module | None = None  # what computes the loss: the method, or its DDP wrapper under torchrun
+    mid_epoch: dict[str, Any] | None = None  # where a checkpoint taken inside epoch ``start`` stood
 
     def __post_init__(self):
         self.images = self.data.images
@@ -173,8 +174,9 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         torch.set_rng_state(payload["rng"]["torch"])
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        run.start = payload["next_epoch"]
-        log.info("resuming %s at epoch %d", ckpt_path, run.start)
+        run.start, run.mid_epoch = payload["next_epoch"], payload.get("mid_epoch")
+        log.info("resuming %s at epoch %d%s", ckpt_path, run.start,
+                 f", step {run.mid_epoch['step']}" if run.mid_epoch else "")
     return run
 
 
@@ -218,36 +220,47 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
                        run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))
     t0 = time.perf_counter()
-    order = method.before_epoch(ctx)
-    t_targets = time.perf_counter() - t0
-    if order is None:
-        order = torch.randperm(len(images), generator=gen)
     world = distributed.world_size()
-    if world > 1:  # rank 0's targets and order for all: replicas never drift apart (e.g. by float ties)
-        order = order.to(device)
-        distributed.broadcast_([order])
-        distributed.broadcast_state(method)
-        order = order.cpu()
+    mid, run.mid_epoch = run.mid_epoch, None
+    if mid is None:
+        order = method.before_epoch(ctx)
+        t_targets = time.perf_counter() - t0
+        if order is None:
+            order = torch.randperm(len(images), generator=gen)
+        if world > 1:  # rank 0's targets and order for all: replicas never drift apart (e.g. by float ties)
+            order = order.to(device)
+            distributed.broadcast_([order])
+            distributed.broadcast_state(method)
+            order = order.cpu()
+        first, total, steps, skipped = 0, torch.zeros((), device=device), 0, 0
+    else:  # a checkpoint inside this epoch: its targets and order as they were, the generators where they stood
+        order, t_targets, first = mid["order"], mid["targets_time"], mid["step"]
+        gen.set_state(mid["generator"])
+        aug_gen.set_state(mid["augment_generator"])
+        method.load_epoch_state(mid["attributes"])
+        total, steps, skipped = torch.tensor(mid["loss_sum"], device=device), mid["steps"], mid["skipped"]
+        t0 -= mid["time"]
     global_batches = [b for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
     parts = [distributed.local_part(b.numel()) for b in global_batches]  # this rank's rows of each batch
     batches = [b[part].tolist() for b, part in zip(global_batches, parts, strict=True)]
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
-    loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches, num_workers=cfg.num_workers,
-                                         collate_fn=keep_batch, pin_memory=not images.is_cuda and device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals)
+    loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches[first:],
+                                         num_workers=cfg.num_workers, collate_fn=keep_batch,
+                                         pin_memory=not images.is_cuda and device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals,  # worker seeds from the epoch's
+                                         generator=torch.Generator().manual_seed(seed))  # not the global RNG
     augment = Augment(run.data.image_size)
     height, width = images.shape[-2:]
     use_amp = cfg.amp and native_bf16(device)
     channels_last = cfg.channels_last
     method.train()
-    total, steps, skipped = torch.zeros((), device=device), 0, 0
     checkpoint = run.out / "checkpoint.pt"
     guard = LossGuard(cfg.nan_policy, checkpoint)
     bar = tqdm(start_workers(loader), desc=f"round {round_} epoch {epoch}", total=len(loader), leave=False,
                disable=not cfg.progress)
-    for step, (pixels, index) in enumerate(bar):
+    for step, (pixels, index) in enumerate(bar, start=first):
         where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
         pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
         size = len(global_batches[step])  # each view's parameters are drawn for the global batch
@@ -277,7 +290,17 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
             skipped += 1
         if world > 1 and distributed.any_rank(STOP.signum is not None, device) and STOP.signum is None:
             STOP.signum = signal.SIGTERM  # another rank was stopped: all stop after the same step
-        raise_if_stopping(where, checkpoint, global_epoch)  # the epoch's checkpoint is the one before it
+        done, stopping = step + 1, STOP.signum is not None
+        if cfg.checkpoint_every and (stopping or (done % cfg.checkpoint_every == 0 and done < len(batches))):
+            guard.finish()  # a non-finite step is never checkpointed
+            if distributed.is_main():
+                save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": {
+                    "step": done, "order": order, "generator": gen.get_state(),
+                    "augment_generator": aug_gen.get_state(), "attributes": method.epoch_state(),
+                    "loss_sum": float(total), "steps": steps, "skipped": skipped, "targets_time": t_targets,
+                    "time": time.perf_counter() - t0}})
+        # without checkpoint_every, the epoch's checkpoint is the one before it
+        raise_if_stopping(where, checkpoint, global_epoch, done if cfg.checkpoint_every else None)
     guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
                            "loss": float(total) / max(1, steps), "lr": lr}
@@ -354,7 +377,8 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
             save_checkpoint(run.out / "checkpoint.pt", payload or run.payload(next_epoch))
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
-    initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 else None  # for a stop in epoch 0
+    # for a stop in epoch 0 before any checkpoint (with checkpoint_every, the stop itself writes one)
+    initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 and not cfg.checkpoint_every else None
     # Rank 0 decides (it may already be writing the file): every rank must join the evaluation or none.
     has_baseline = distributed.any_rank(main and any(r.get("untrained") for r in read_metrics(metrics_path)),
                                         run.device)

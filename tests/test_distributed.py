@@ -3,7 +3,8 @@
 One epoch on 2 ranks with global batch B must give what one process with batch B gives (within float
 tolerance: the ranks sum in another order); the replicated method state (bank, labels, assignments, SCSs,
 vote history) must equal the single-process state; distributed k-means must equal single-process k-means
-from the same initial centroids; and a run checkpointed on 2 processes must resume on 1 and on 3.
+from the same initial centroids; and a run checkpointed on 2 processes (at an epoch's end, or inside an
+epoch with checkpoint_every) must resume on 1 and on 3.
 """
 
 from __future__ import annotations
@@ -71,14 +72,19 @@ def runs(tmp_path_factory):
     torch.save(x, tmp / "x.pt")
     jobs = [{"config": layer(data, m, tmp / "two" / m)} for m in METHODS]
     jobs.append({"config": layer(data, "npid", tmp / "cut2", stop_after=1)})
+    jobs.append({"config": layer(data, "npid", tmp / "every2", checkpoint_every=1),
+                 "copy_at": [1, 2, str(tmp / "mid2")]})  # 3 steps an epoch: killed after step 2 of epoch 1
     torchrun(tmp, 2, {"train": jobs, "kmeans": {"x": str(tmp / "x.pt"), "k": 5, "iters": 10, "seed": 1,
                                                 "out": str(tmp / "kmeans2.pt")}})
     for name in ("resume1", "resume3"):
         shutil.copytree(tmp / "cut2", tmp / name)
-    torchrun(tmp, 3, {"train": [{"config": layer(data, "npid", tmp / "resume3"), "resume": True}]})
+        shutil.copytree(tmp / "mid2", tmp / f"mid_{name}")
+    torchrun(tmp, 3, {"train": [{"config": layer(data, "npid", tmp / name), "resume": True}
+                                for name in ("resume3", "mid_resume3")]})
     for m in METHODS:
         train(*resolve([layer(data, m, tmp / "one" / m)]))
-    train(*resolve([layer(data, "npid", tmp / "resume1")]), resume=True)
+    for name in ("resume1", "mid_resume1"):
+        train(*resolve([layer(data, "npid", tmp / name)]), resume=True)
     return tmp, x
 
 
@@ -108,3 +114,16 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_three(runs, name):
     assert resumed["next_epoch"] == 2
     assert_same_state(load_checkpoint(tmp / "one" / "npid" / "checkpoint.pt")["state"], resumed["state"], name)
     assert [r["global_epoch"] for r in read_rows(tmp / name)] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["mid_resume1", "mid_resume3"])
+def test_checkpoint_inside_an_epoch_on_two_ranks_resumes_on_one_and_three(runs, name):
+    tmp, _ = runs
+    taken = load_checkpoint(tmp / "mid2" / "checkpoint.pt")
+    assert taken["next_epoch"] == 1 and taken["mid_epoch"]["step"] == 2
+    one = tmp / "one" / "npid"
+    for run in ("every2", name):  # checkpoints inside epochs change nothing; the resumed run ends as one process
+        assert_same_state(load_checkpoint(one / "checkpoint.pt")["state"],
+                          load_checkpoint(tmp / run / "checkpoint.pt")["state"], run)
+        assert [r["loss"] for r in read_rows(tmp / run)] == pytest.approx([r["loss"] for r in read_rows(one)],
+                                                                           rel=1e-3)

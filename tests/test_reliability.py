@@ -98,6 +98,25 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_resume_equals_uninterrupted(
     assert_same_run(reference, out)
 
 
+def test_sigterm_with_checkpoint_every_saves_the_step_it_stopped_at_and_resume_equals_uninterrupted(
+        tmp_path, reference, keep_determinism_setting):
+    out = tmp_path / "run"
+    proc = start_training(out, "checkpoint_every=5")
+    wait_for(out / "checkpoint.pt", proc)  # 23 steps an epoch: the first is step 5 of epoch 0
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    found = re.search(rf"stopped by SIGTERM at round 0 epoch (\d) step (\d+) of npid\. {re.escape(str(out))}"
+                      r"/checkpoint.pt resumes at epoch (\d), step (\d+) \(where it stopped\)", output)
+    assert found, output[-3000:]
+    epoch, step, resume_epoch, resume_step = map(int, found.groups())
+    assert (resume_epoch, resume_step) == (epoch, step + 1)
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert (saved["next_epoch"], saved["mid_epoch"]["step"]) == (epoch, step + 1)
+    run_in_process(out, resume=True)  # without checkpoint_every: the checkpoint says where to go on
+    assert_same_run(reference, out)
+
+
 def test_sigint_in_the_first_epoch_saves_the_initial_state_and_resume_equals_uninterrupted(
         tmp_path, reference, keep_determinism_setting):
     out = tmp_path / "run"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_rows
+from helpers import read_rows, run_cfg
 
+from deepclust import train as trainer
 from deepclust.checkpoint import load_checkpoint
 from deepclust.config import TrainConfig, resolve
+from deepclust.methods import METHODS
 from deepclust.train import epoch_seed, lr_at, train, truncate_metrics
 
 # All 1438 training digits with a width-8 ConvNet: about a second per epoch, long enough to kill one
@@ -134,3 +137,48 @@ def test_lr_schedule_steps_within_each_round():
 def test_epoch_seeds_are_distinct():
     seeds = {epoch_seed(s, r, e) for s in range(3) for r in range(5) for e in range(300)}
     assert len(seeds) == 3 * 5 * 300
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].trains])
+def test_a_checkpoint_inside_an_epoch_resumes_where_it_was_taken(tmp_path, method, monkeypatch,
+                                                                  keep_determinism_setting):
+    """checkpoint_every=1 on 96 images in batches of 32 (3 steps an epoch): the run's checkpoint after step 1
+    of epoch 1, left as a killed process would leave it, resumes to the end of the run without checkpoints
+    inside epochs, state and metrics equal (so the checkpoints themselves change nothing either)."""
+    keys = {"epochs": 3, "lr_decay_at": [0.5], "eval_every": 1}
+    if method == "and":
+        keys = {**keys, "epochs": 2, "rounds": 2}  # the cut lands in round 0; its anchor round follows
+    cfg, hp = run_cfg(tmp_path, method, name="full", **keys)
+    train(cfg, hp)
+    killed = tmp_path / "killed"
+    save = trainer.save_checkpoint
+
+    def save_and_keep(path, payload):  # what the folder holds right after this save, had the run died then
+        save(path, payload)
+        mid = payload.get("mid_epoch")
+        if payload["next_epoch"] == 1 and mid is not None and mid["step"] == 1 and not killed.exists():
+            shutil.copytree(path.parent, killed, ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.setattr(trainer, "save_checkpoint", save_and_keep)
+    cfg, hp = run_cfg(tmp_path, method, name="every", checkpoint_every=1, **keys)
+    train(cfg, hp)
+    monkeypatch.undo()
+    taken = load_checkpoint(killed / "checkpoint.pt")
+    assert taken["next_epoch"] == 1 and taken["mid_epoch"]["step"] == 1
+    assert [r["global_epoch"] for r in read_rows(killed)] == [0]
+    cfg, hp = run_cfg(tmp_path, method, name="killed", **keys)
+    train(cfg, hp, resume=True)
+    drop = ("time", "targets_time", "cluster_time", "graph_time", "scs_time")
+    for run in ("every", "killed"):
+        want, have = read_rows(tmp_path / "full"), read_rows(tmp_path / run)
+        assert [{k: v for k, v in r.items() if k not in drop} for r in have] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in want], run
+        a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("full", run))
+        assert "mid_epoch" not in b and a["next_epoch"] == b["next_epoch"]
+        assert a["state"].keys() == b["state"].keys()
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), run
+
+
+def test_checkpoint_every_must_be_positive():
+    from deepclust.config import ConfigError
+    with pytest.raises(ConfigError, match="checkpoint_every must be at least 1"):
+        resolve([{**CONFIG, "checkpoint_every": 0}])

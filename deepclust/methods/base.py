@@ -60,6 +60,9 @@ class Method(nn.Module):
     # Submodules trained at the full lr in every epoch, outside the schedule: a head re-initialised each
     # epoch (DeepCluster's) cannot fit its new targets at a decayed lr (its loss then stays at log k).
     unscheduled_modules: ClassVar[tuple[str, ...]] = ()
+    # Plain attributes (numbers, lists, dicts of them) that before_epoch sets and the rest of the epoch reads:
+    # a checkpoint taken inside an epoch (``checkpoint_every``) saves them beside the buffers.
+    epoch_attributes: ClassVar[tuple[str, ...]] = ("stats",)
 
     @dataclass
     class Config:
@@ -99,6 +102,13 @@ class Method(nn.Module):
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         """Numbers to log for the epoch."""
         return {}
+
+    def epoch_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.epoch_attributes if hasattr(self, name)}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def cluster_assignments(self) -> torch.Tensor | None:
         """The method's own cluster id of every training sample (-1: none), or None when it has no

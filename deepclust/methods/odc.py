@@ -25,6 +25,7 @@ class ODC(Method):
     ``centroid_interval`` steps the touched centroids are recomputed and small clusters re-split."""
 
     name = "odc"
+    epoch_attributes = ("batch_changes",)
     eval_feature = "pooled"
 
     @dataclass

@@ -47,6 +47,7 @@ class PCP(NPID):
 
     name = "pcp"
     views = 2  # during the IS warm-up; before_epoch sets self.views = 1 once the warm-up is over
+    epoch_attributes = ("t", "views", "stats")
 
     @dataclass
     class Config(NPID.Config):
