@@ -190,6 +190,8 @@ class Augment:
         return AugmentDraw(boxes, flip, factors, jitter, order, to_gray)
 
     def apply(self, images: torch.Tensor, p: AugmentDraw) -> torch.Tensor:
+        if len(images) == 0:  # e.g. a view only some rows need, on a rank that has none of them
+            return images.new_zeros((0, images.shape[1], self.size, self.size), dtype=torch.float32)
         x = resized_crop(images.float().div_(255), p.boxes, self.size, p.flip)
         for step in range(4):
             for op in range(4):

@@ -17,6 +17,14 @@ def group_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     return (log_all - log_pos).mean()
 
 
+def gathered_group_loss(logits: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``group_loss`` with G_i given as ids: ``members`` (B, m) lists each member of G_i once, -1 padded. For
+    small groups (PAD's SCSs) it reads m logits a row instead of masking all N."""
+    log_all = torch.logsumexp(logits, dim=1)
+    picked = logits.gather(1, members.clamp(min=0)).masked_fill(members < 0, float("-inf"))
+    return (log_all - torch.logsumexp(picked, dim=1)).mean()
+
+
 def instance_positives(index: torch.Tensor, num_samples: int) -> torch.Tensor:
     """G_i = {i}: a one-hot (B, N) mask."""
     mask = torch.zeros(index.numel(), num_samples, dtype=torch.bool, device=index.device)

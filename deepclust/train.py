@@ -264,8 +264,11 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
         where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
         pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
         size = len(global_batches[step])  # each view's parameters are drawn for the global batch
-        views = [augment.apply(pixels, augment.draw(size, height, width, aug_gen, device).rows(parts[step]))
-                 for _ in range(method.views)]
+        views = []
+        for view in range(method.views):
+            draw = augment.draw(size, height, width, aug_gen, device).rows(parts[step])
+            rows = method.view_rows(view, index)  # e.g. PAD's second view: only its isolated samples need it
+            views.append(augment.apply(pixels, draw) if rows is None else augment.apply(pixels[rows], draw.rows(rows)))
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         batch = Batch(views, index, test_transform(pixels, augment.size) if method.clean_view else None)

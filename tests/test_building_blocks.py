@@ -21,6 +21,7 @@ from deepclust.cluster import (
 )
 from deepclust.losses import (
     entropy,
+    gathered_group_loss,
     group_loss,
     instance_positives,
     invariant_spreading_loss,
@@ -86,6 +87,19 @@ def test_group_loss_hand_computed():
     p = logits.softmax(1)
     expected = -(math.log(p[0, 0] + p[0, 2]) + math.log(p[1, 1] + p[1, 2] + p[1, 3])) / 2
     torch.testing.assert_close(group_loss(logits, positives), torch.tensor(expected))
+
+
+def test_gathered_group_loss_equals_the_masked_one_with_its_gradient():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, 0.3, 3.0, 1.0]], requires_grad=True)
+    members = torch.tensor([[2, 0, -1], [3, 1, 2]])  # G_0 = {0, 2}, G_1 = {1, 2, 3}, as hand-computed above
+    positives = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    gathered = gathered_group_loss(logits, members)
+    gathered.backward()
+    masked_logits = logits.detach().clone().requires_grad_(True)
+    masked = group_loss(masked_logits, positives)
+    masked.backward()
+    torch.testing.assert_close(gathered, masked)
+    torch.testing.assert_close(logits.grad, masked_logits.grad)
 
 
 def test_group_loss_singleton_equals_cross_entropy():

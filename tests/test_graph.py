@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from deepclust.cluster import knn_graph, scs_stats, singletons_apart, strongly_connected_subgraphs
+from deepclust.cluster import knn_graph, member_table, scs_stats, singletons_apart, strongly_connected_subgraphs
 from deepclust.cluster.graph import exact_knn_graph, ivf_knn_graph, topk_by_group_max
 
 
@@ -129,6 +129,22 @@ def test_scs_groups_are_disjoint_capped_and_strongly_connected_inside(graph, cyc
         rows, cols = zip(*[(local[u], local[w]) for u in local for w in nb[u].tolist() if w in local], strict=True)
         inside = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(local), len(local)))
         assert connected_components(inside, directed=True, connection="strong")[0] == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-1, 5), min_size=1, max_size=30))
+def test_member_table_lists_each_groups_members_ascending(ids):
+    group = torch.tensor(ids)
+    used = sorted(set(ids) - {-1})
+    group = torch.tensor([used.index(g) if g >= 0 else -1 for g in ids])  # ids 0..G-1, as the search gives
+    table = member_table(group)
+    if not used:
+        assert table.tolist() == [[-1]]
+        return
+    assert table.shape == (len(used), max(ids.count(g) for g in used))
+    for g in range(len(used)):
+        members = [i for i, x in enumerate(group.tolist()) if x == g]
+        assert table[g].tolist() == members + [-1] * (table.shape[1] - len(members))
 
 
 def test_scs_on_planted_clusters_is_precise_and_stats_add_up():

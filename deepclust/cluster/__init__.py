@@ -21,7 +21,7 @@ from .kmeans import (
 )
 from .pca import pca_whiten
 from .sampling import balanced_indices, class_weights
-from .scs import scs_stats, singletons_apart, strongly_connected_subgraphs
+from .scs import member_table, scs_stats, singletons_apart, strongly_connected_subgraphs
 
 
 def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> dict[str, float]:
@@ -34,6 +34,6 @@ def size_stats(labels: torch.Tensor, k: int, prefix: str = "cluster_size") -> di
 __all__ = [
     "ClusterGeometry", "ClusteringError", "KMeansResult", "balanced_indices", "centroid_sums", "check_cluster_count",
     "class_weights", "cluster_count", "cluster_geometry", "dissolve_small_clusters", "kmeans", "knn_graph",
-    "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats", "split_empty_clusters",
-    "split_in_two", "strongly_connected_subgraphs",
+    "member_table", "nearest_centroid", "pca_whiten", "scs_stats", "singletons_apart", "size_stats",
+    "split_empty_clusters", "split_in_two", "strongly_connected_subgraphs",
 ]

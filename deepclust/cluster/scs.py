@@ -113,6 +113,22 @@ def group_sizes(group: torch.Tensor) -> torch.Tensor:
     return torch.bincount(group[group >= 0])
 
 
+def member_table(group: torch.Tensor) -> torch.Tensor:
+    """(G, largest group) the member ids of each group 0..G-1 of ``group``, ascending, -1 padded (one row of
+    -1 when there is no group): a sample's fellow members without an (N,)-wide mask per sample."""
+    n = group.numel()
+    ids = torch.nonzero(group >= 0).flatten()
+    if ids.numel() == 0:
+        return torch.full((1, 1), -1, dtype=torch.long, device=group.device)
+    ids = ids[torch.argsort(group[ids] * n + ids)]  # by group, then by id
+    g = group[ids]
+    sizes = torch.bincount(g)
+    first = torch.cumsum(sizes, 0) - sizes
+    table = torch.full((sizes.numel(), int(sizes.max())), -1, dtype=torch.long, device=group.device)
+    table[g, torch.arange(ids.numel(), device=group.device) - first[g]] = ids
+    return table
+
+
 def singletons_apart(group: torch.Tensor) -> torch.Tensor:
     """Group ids with each isolated vertex (-1) given an id of its own, N + i: ready for ``label_positives``."""
     n = group.numel()

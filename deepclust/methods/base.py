@@ -93,6 +93,11 @@ class Method(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss(batch)  # the call DistributedDataParallel wraps
 
+    def view_rows(self, view: int, index: torch.Tensor) -> torch.Tensor | None:
+        """The rows of the batch that augmented view ``view`` is needed for (None: all of them). The trainer
+        augments only those rows, and ``batch.views[view]`` holds them in this order."""
+        return None
+
     def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
         """Update per-sample state (memory bank, labels) after the optimiser step.
 

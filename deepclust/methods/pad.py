@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cluster import knn_graph, scs_stats, singletons_apart, strongly_connected_subgraphs
+from ..cluster import knn_graph, member_table, scs_stats, strongly_connected_subgraphs
 from ..distributed import world_size
-from ..losses import cosine_loss, group_loss, kl_loss, label_positives, neighbour_positives
+from ..losses import cosine_loss, gathered_group_loss, kl_loss
 from .base import Batch, EpochContext
 from .npid import NPID
 
@@ -39,7 +39,7 @@ class PAD(NPID):
     """
 
     name = "pad"
-    views = 2  # the second view is the hard positive of isolated samples
+    views = 2  # the second view is the hard positive of isolated samples (only theirs is augmented)
 
     @dataclass
     class Config(NPID.Config):
@@ -59,9 +59,11 @@ class PAD(NPID):
         self.register_buffer("neighbours", torch.full((num_samples, self.config.k), -1, dtype=torch.long))
         self.register_buffer("scs", torch.full((num_samples,), -1, dtype=torch.long))
         self.stats: dict[str, float] = {}
+        self.members: torch.Tensor | None = None  # member_table(scs), made at the epoch's first step
 
     def before_epoch(self, ctx: EpochContext) -> None:
         super().before_epoch(ctx)
+        self.members = None  # from the SCSs as they stand at the first step (under torchrun: rank 0's)
         t0 = time.perf_counter()
         self.neighbours.copy_(knn_graph(self.bank.features, self.config.k)[1])
         t1 = time.perf_counter()
@@ -77,34 +79,45 @@ class PAD(NPID):
             self.stats["neighbour_precision"] = float((truth[self.neighbours] == truth[:, None]).float().mean())
         return None
 
-    def positives(self, index: torch.Tensor) -> torch.Tensor:
-        if self.config.diffusion:
-            return label_positives(index, singletons_apart(self.scs))
-        return neighbour_positives(index, self.neighbours)
+    def fellows(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, m) the other members of each sample's group, -1 padded: its SCS (none when isolated), or its k
+        nearest bank neighbours without diffusion."""
+        if not self.config.diffusion:
+            return self.neighbours[index]
+        if self.members is None:
+            self.members = member_table(self.scs)
+        group = self.scs[index]
+        fellows = self.members[group.clamp(min=0)]
+        return fellows.masked_fill((group < 0)[:, None] | (fellows == index[:, None]), -1)
+
+    def view_rows(self, view: int, index: torch.Tensor) -> torch.Tensor | None:
+        if view == 0:
+            return None
+        if self.config.hpe == "false":
+            return index[:0]
+        return torch.nonzero((self.fellows(index) < 0).all(1)).flatten()  # the isolated samples
 
     def loss(self, batch: Batch):
         z = self.backbone(batch.views[0])
         logits = self.bank.logits(z, self.config.tau)
-        positives = self.positives(batch.index)
-        loss = group_loss(logits, positives)
+        fellows = self.fellows(batch.index)
+        loss = gathered_group_loss(logits, torch.cat([batch.index[:, None], fellows], 1))  # G_i: i and its fellows
         if self.config.hpe != "false":
-            loss = loss + self.config.hpe_weight * self.hard_positive_loss(z, logits, positives, batch)
+            loss = loss + self.config.hpe_weight * self.hard_positive_loss(z, logits, fellows, batch)
         return loss, {"embedding": z}
 
-    def hard_positive_loss(self, z: torch.Tensor, logits: torch.Tensor, positives: torch.Tensor,
+    def hard_positive_loss(self, z: torch.Tensor, logits: torch.Tensor, fellows: torch.Tensor,
                            batch: Batch) -> torch.Tensor:
-        rows = torch.arange(batch.index.numel(), device=z.device)
-        others = positives.clone()
-        others[rows, batch.index] = False
-        grouped = others.any(1)
-        hard = logits.detach().masked_fill(~others, float("inf")).argmin(1)  # least similar fellow member
-        target = self.bank.rows(hard)
-        isolated = torch.nonzero(~grouped).flatten()
-        # Only their second view is forwarded: the cost shrinks as the SCS share grows. Under torchrun every
-        # rank joins the forward (its BatchNorm is a collective), even with no isolated sample of its own.
+        found = fellows >= 0
+        similarity = logits.detach().gather(1, fellows.clamp(min=0)).masked_fill(~found, float("inf"))
+        hard = fellows.gather(1, similarity.argmin(1, keepdim=True)).squeeze(1)  # least similar fellow member
+        target = self.bank.rows(hard.clamp(min=0))
+        isolated = torch.nonzero(~found.any(1)).flatten()  # the rows of batch.views[1], in order
+        # Only their second view is augmented and forwarded: the cost shrinks as the SCS share grows. Under
+        # torchrun every rank joins the forward (its BatchNorm is a collective), even with no isolated sample.
         if isolated.numel() or world_size() > 1:
             with torch.no_grad():
-                target[isolated] = self.backbone(batch.views[1][isolated]).to(target.dtype)
+                target[isolated] = self.backbone(batch.views[1]).to(target.dtype)
         if self.config.hpe == "cosine":
             return cosine_loss(z, target)
         return kl_loss(logits, self.bank.logits(target, self.config.tau))
