@@ -1,7 +1,7 @@
 """Epoch time of methods as a ratio of the supervised epoch, measured side by side in one process.
 
-    python -m benchmarks.epoch_ratio --profile medium --methods pad,pcp [--epochs 3] [--set key=value ...]
-                                     [--init CHECKPOINT] --out DIR
+    python -m benchmarks.epoch_ratio --profile medium --methods pad,pcp [--epochs 3] [--first-epoch E]
+                                     [--set key=value ...] [--init CHECKPOINT] --out DIR
 
 Each method is set up as ``benchmarks.run`` would (the profile's keys, then its per-method overrides), then
 the methods take turns: one training epoch each, round after round, so that a change in the machine's load
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default="medium")
     p.add_argument("--methods", required=True, help="comma-separated; supervised is always measured")
     p.add_argument("--epochs", type=int, default=3, help="measured rounds (one epoch of each method a round)")
+    p.add_argument("--first-epoch", type=int, default=0,
+                   help="the schedule's epoch of the first round (e.g. PCP's N_t and warm-up at that point)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--init", help="backbone weights for every method")
     p.add_argument("--out", required=True)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         runs[name] = setup(cfg, hp)
     watch = CpuWatch()
     rounds: list[dict[str, Any]] = []
-    for epoch in range(args.epochs):
+    for epoch in range(args.first_epoch, args.first_epoch + args.epochs):
         row: dict[str, Any] = {}
         for name, run in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()

@@ -180,11 +180,13 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     return run
 
 
-def feature_pass(run: Run, images: torch.Tensor, feature: str, normalize: bool = True) -> torch.Tensor:
+def feature_pass(run: Run, images: torch.Tensor, feature: str, normalize: bool = True,
+                 bf16: bool | None = None) -> torch.Tensor:
     """Features of every image (eval mode, no augmentation); under torchrun each rank computes its part."""
     return distributed.sharded_rows(
         lambda rows: extract_features(run.method.backbone, images[rows], feature, device=run.device,
-                                      image_size=run.data.image_size, normalize=normalize), len(images))
+                                      image_size=run.data.image_size, normalize=normalize, bf16=bf16),
+        len(images))
 
 
 def evaluate_knn(run: Run) -> float | None:
@@ -214,8 +216,8 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     aug_gen = torch.Generator(device=device).manual_seed(seed)
     images = run.images
 
-    def extract(feature: str, normalize: bool = True) -> torch.Tensor:
-        return feature_pass(run, images, feature, normalize)
+    def extract(feature: str, normalize: bool = True) -> torch.Tensor:  # targets: in the precision training runs
+        return feature_pass(run, images, feature, normalize, bf16=cfg.amp and native_bf16(device))
 
     ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
                        run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))

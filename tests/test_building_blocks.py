@@ -226,6 +226,18 @@ def test_kmeans_recovers_planted_clusters_after_pca_whitening():
     assert result.inertia == pytest.approx(manual, rel=1e-5)
 
 
+def test_kmeans_stops_at_a_fixed_point_with_the_result_of_all_passes():
+    x = torch.randn(300, 8, generator=gen(7))
+    x[:100] += 6
+    full = kmeans(x, 3, iters=50, seed=2)
+    assert 2 <= full.passes < 50  # converged, then one pass that changed nothing
+    again = kmeans(x, 3, iters=full.passes - 1, seed=2)  # the passes before the unchanged one
+    assert torch.equal(again.assignments, full.assignments) and torch.equal(again.centroids, full.centroids)
+    every_row = kmeans(x, 300, iters=20, seed=2)  # k = N (PCP's first epoch): each row its own cluster
+    assert every_row.passes == 2 and every_row.inertia == 0.0
+    assert torch.equal(torch.sort(every_row.assignments).values, torch.arange(300))
+
+
 def test_kmeans_is_reproducible_by_seed():
     x, _ = planted_clusters(k=8, per=20, spread=1.0)
     a, b = kmeans(x, 8, seed=3), kmeans(x, 8, seed=3)

@@ -21,6 +21,7 @@ class KMeansResult:
     centroids: torch.Tensor  # (k, d)
     assignments: torch.Tensor  # (N,) int64, every cluster non-empty
     inertia: float  # sum of squared distances to the assigned centroid
+    passes: int = 0  # assignment passes run (fewer than asked when the assignments stopped changing)
 
 
 def row_argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int = 1024, n_init: int = 1) -> KMeansResult:
-    """Lloyd's k-means: ``iters`` assignment passes, empty clusters split after each.
+    """Lloyd's k-means: up to ``iters`` assignment passes, empty clusters split after each; it stops early at
+    a fixed point (a pass that changes no assignment would repeat itself exactly), e.g. PCP's k near N.
 
     Initial centroids are k distinct random rows (as faiss). With ``n_init`` > 1 it restarts from
     seeds seed, seed + 1, ... and keeps the lowest inertia. The returned centroids are the means of
@@ -155,15 +157,20 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
     centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
     assignments = torch.zeros(n, dtype=torch.long, device=x.device)
     part = local_part(n)  # under torchrun each rank assigns its part of the rows; sums are all-reduced
+    previous, passes = None, 0
     for _ in range(max(1, iters)):
+        passes += 1
         assignments = gather_rows(assign(x_ones[part], centroids, chunk)[0])
+        if previous is not None and torch.equal(assignments, previous):
+            break  # the centroids are already these assignments' means (and none is empty)
         assignments = split_empty_clusters(x, centroids, assignments, gen)
+        previous = assignments
         sums, counts = centroid_sums(x[part], assignments[part], k)
         all_reduce_sum(sums)
         all_reduce_sum(counts)
         centroids = sums / counts.unsqueeze(1).to(x.dtype)
     inertia = float(((x - centroids[assignments]) ** 2).sum())
-    return KMeansResult(centroids, assignments, inertia)
+    return KMeansResult(centroids, assignments, inertia, passes)
 
 
 def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:

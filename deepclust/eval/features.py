@@ -38,12 +38,14 @@ def pooled_features(model: Backbone, trunk: nn.Module, x: torch.Tensor) -> torch
 @torch.no_grad()
 def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embedding", batch_size: int | None = None,
                      device: torch.device | str = "cpu", image_size: int | None = None,
-                     normalize: bool = True) -> torch.Tensor:
+                     normalize: bool = True, bf16: bool | None = None) -> torch.Tensor:
     """(N, D) float32 features of uint8 ``images`` with the test transform.
 
     ``feature`` is "embedding" (the 128-d head output) or "pooled" (the trunk's pooled features).
     Inputs go in channels_last (NHWC), about twice as fast here on CPU; conv-BN pairs are folded.
-    Batches of 128 on CPU (they stay in cache), 1024 on GPU. Restores the model's train/eval mode.
+    Batches of 128 on CPU (they stay in cache), 1024 on GPU. Restores the model's train/eval mode. The
+    forward runs in bf16 autocast on CUDA, and wherever ``bf16`` asks (a training run's target pass on a CPU
+    with native bf16: 1.65x faster here); evaluation on the CPU stays float32.
     """
     if feature not in ("embedding", "pooled"):
         raise ValueError(f"feature must be 'embedding' or 'pooled', not {feature!r}")
@@ -57,7 +59,8 @@ def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embe
     for start in range(0, images.shape[0], batch_size):
         x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        amp = device.type == "cuda" if bf16 is None else bf16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             f = pooled_features(model, trunk, x)
             f = model.embed(f) if feature == "embedding" else f
         out.append(f.float())
