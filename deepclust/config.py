@@ -78,7 +78,7 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
     optional = type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else kind
     if isinstance(value, str):
-        if value.strip() in ("", "null", "~", "None"):
+        if value.strip() in ("", "null", "~", "None", "none"):  # none: as the configs write "no cap"
             value = None
         elif base is not str:
             try:

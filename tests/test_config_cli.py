@@ -60,6 +60,7 @@ def test_coerce_types():
     assert coerce("lr", "1e-2", float) == pytest.approx(0.01)
     assert coerce("sobel", "true", bool) is True
     assert coerce("subset", "null", int | None) is None
+    assert coerce("max_size", "none", int | None) is None  # as pad.yaml writes "no cap"
     assert coerce("subset", "50", int | None) == 50
     assert coerce("lr_decay_at", "[0.5, 0.75]", list[float]) == [0.5, 0.75]
     assert coerce("lr_decay_at", 0.5, list[float]) == [0.5]
