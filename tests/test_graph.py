@@ -98,6 +98,8 @@ def test_scs_rejects_bad_input():
         strongly_connected_subgraphs(HAND, 1)
     with pytest.raises(ValueError, match=r"neighbour ids must lie in \[0, 7\)"):
         strongly_connected_subgraphs(HAND + 5, 10)
+    with pytest.raises(ValueError, match=r"neighbour ids must lie in \[0, 7\)"):  # not wrapped into range by int32
+        strongly_connected_subgraphs(HAND + 2**32, 10)
 
 
 @st.composite
