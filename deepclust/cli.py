@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     layers += [flags, parse_overrides(overrides)]
     cfg, hparams = resolve(layers)
     try:
-        row = train(cfg, hparams, resume=args.resume)
+        row = train(cfg, hparams, resume=args.resume, overwrite=args.overwrite)
     finally:
         distributed.finish()
     if distributed.launch_rank() != 0:
@@ -131,7 +131,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     data = load_data(args.data, args.split, payload["backbone"]["image_size"], args.bad_images)
     feature = args.feature or payload["eval_feature"]
     feats = extract_features(model, data.images, feature, device=torch.device(args.device))
-    arrays = {"features": feats.numpy().astype(np.float32), "indices": np.arange(len(data), dtype=np.int64)}
+    arrays = {"features": feats.cpu().numpy().astype(np.float32), "indices": np.arange(len(data), dtype=np.int64)}
     if data.labels is not None:
         arrays["labels"] = data.labels.numpy()
     if data.paths is not None:
@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a YAML file of config keys")
     t.add_argument("--init", help="start the backbone from this checkpoint")
     t.add_argument("--device")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out where it stopped (none yet: start it); safe to repeat")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds a run, moving the old run aside to OUT.1/ (never deleted)")
     t.add_argument("--report", action="store_true", help="write OUT/report.html at the end")
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this machine (starts torchrun --standalone; one per GPU, or "

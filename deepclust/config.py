@@ -7,6 +7,7 @@ An unknown key is an error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,28 +153,131 @@ def resolve(layers: list[dict[str, Any]]) -> tuple[TrainConfig, Any]:
                     f"unknown config key {key!r} for method {method!r}; valid keys: {', '.join(sorted(valid))}")
             merged[key] = coerce(key, value, valid[key])
     merged["method"] = method
-    check_choices(merged)
     train = TrainConfig(**{k: v for k, v in merged.items() if k in train_types})
     hparams = method_cls.Config(**{k: v for k, v in merged.items() if k in method_types})
+    validate(method, train, hparams)  # defaults included; before any data is read
     return train, hparams
 
 
-def check_choices(merged: dict[str, Any]) -> None:
-    from .backbones import BACKBONES
+def number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
-    choices = {"backbone": tuple(BACKBONES), "bad_images": ("fail", "skip"), "nan_policy": ("stop", "skip"),
-               "eval_feature": (None, "embedding", "pooled"), "logger": ("jsonl", "tensorboard"),
-               "bank_dtype": ("float32", "float16"), "memory_update": ("augmented", "clean")}
-    for key, valid in choices.items():
-        if key in merged and merged[key] not in valid:
-            raise ConfigError(f"unknown {key} {merged[key]!r}; choose one of "
-                              f"{', '.join(str(v) for v in valid if v is not None)}")
-    if merged.get("subset_imbalance") is not None and merged["subset_imbalance"] < 1:
-        raise ConfigError(f"subset_imbalance must be at least 1 (largest / smallest class), got "
-                          f"{merged['subset_imbalance']}")
-    for key in ("epochs", "rounds", "batch_size", "checkpoint_every"):
-        if merged.get(key) is not None and merged[key] < 1:
-            raise ConfigError(f"{key} must be at least 1, got {merged[key]}")
+
+@dataclass(frozen=True)
+class Range:
+    """Finite numbers from ``low`` to ``high``; ``ends`` says which ends are included: "[]", "[)", "(]" or "()"."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    ends: str = "[]"
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.ends[0] == "(" else value >= self.low
+        below = value < self.high if self.ends[1] == ")" else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            if self.low == -math.inf:
+                return "a finite number"
+            return f"{'above' if self.ends[0] == '(' else 'at least'} {number(self.low)}"
+        return f"in {self.ends[0]}{number(self.low)}, {number(self.high)}{self.ends[1]}"
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def above(low: float) -> Range:
+    return Range(low, ends="(]")
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[str, ...]
+
+    def __contains__(self, value: str) -> bool:
+        return value in self.values
+
+    def __str__(self) -> str:
+        return f"one of {', '.join(self.values)}"
+
+
+class Device:
+    """auto, or anything torch.device parses: cpu, cuda, cuda:N, mps, ..."""
+
+    def __contains__(self, value: str) -> bool:
+        import torch
+
+        try:
+            return value == "auto" or bool(torch.device(value))
+        except (RuntimeError, ValueError):
+            return False
+
+    def __str__(self) -> str:
+        return "auto, cpu, cuda or cuda:N"
+
+
+Rule = Range | Choice | Device
+FRACTION = Range(0, 1, "()")
+UNIT = Range(0, 1)
+# Free-form fields: the method (resolve checks it), paths (checked where they are read) and booleans (coerce).
+UNCHECKED = ("method", "data", "test_data", "out", "init")
+
+
+def rules(method: str) -> dict[str, Rule]:
+    """The valid values of every non-boolean config field of ``method`` (TrainConfig's and its Config's)."""
+    from .backbones import BACKBONES
+    from .memory import BANK_DTYPES
+    from .methods.pad import HPE_CHOICES
+
+    table: dict[str, Rule] = {
+        # TrainConfig
+        "backbone": Choice(tuple(BACKBONES)), "width": at_least(1), "embed_dim": at_least(1),
+        "image_size": at_least(8),  # the ConvNet's and AlexNet's three 2x2 max-pools
+        "subset": at_least(2), "test_subset": at_least(1), "subset_imbalance": at_least(1),
+        "bad_images": Choice(("fail", "skip")), "num_workers": at_least(0), "epochs": at_least(1),
+        "rounds": at_least(1), "batch_size": at_least(2),  # BatchNorm needs 2 samples a batch
+        "lr": above(0), "momentum": Range(0, 1, "[)"), "weight_decay": at_least(0), "lr_decay_at": FRACTION,
+        "lr_decay": Range(0, 1, "(]"), "seed": Range(0, 2**32 - 1), "device": Device(), "threads": at_least(1),
+        "logger": Choice(("jsonl", "tensorboard")), "stop_after": at_least(1), "checkpoint_every": at_least(1),
+        "nan_policy": Choice(("stop", "skip")), "eval_every": at_least(0), "knn_k": at_least(1),
+        "knn_tau": above(0), "eval_feature": Choice(("embedding", "pooled")),
+        # the methods' Configs: one meaning per name, but for PAD's k below
+        "tau": above(0), "bank_momentum": Range(0, 1, "(]"), "bank_init": Choice(("features", "random")),
+        "bank_dtype": Choice(tuple(BANK_DTYPES)), "anchor_step": UNIT,
+        "k": at_least(2), "min_clusters": at_least(2),  # cluster counts; none: N / 50
+        "kmeans_iters": at_least(1), "init_iters": at_least(1), "pca_dim": at_least(1),
+        "gamma": Range(0, 1, "(]"), "vote_start": UNIT, "vote_epochs": at_least(0), "alpha": FRACTION,
+        "drop_below": Range(), "pull_back_at": Range(), "warmup_end": UNIT, "warmup_t_start": UNIT,
+        "warmup_t_end": UNIT, "max_size": at_least(2), "hpe": Choice(HPE_CHOICES), "hpe_weight": at_least(0),
+        "memory_momentum": Range(0, 1, "(]"), "centroid_interval": at_least(1), "min_cluster": at_least(0),
+        "neck_hidden": at_least(1), "neck_dim": at_least(1), "dropout": Range(0, 1, "[)"),
+        "memory_update": Choice(("augmented", "clean")), "fft_epochs": at_least(0),
+    }
+    overrides: dict[str, dict[str, Rule]] = {"pad": {"k": at_least(1)}}  # PAD's k: kNN graph out-degree
+    return {**table, **overrides.get(method, {})}
+
+
+def validate(method: str, train: TrainConfig, hparams: Any) -> None:
+    """Every field of both configs against ``rules``: a ConfigError naming the key, the value and what is valid."""
+    table = rules(method)
+    for config in (train, hparams):
+        for f in dataclasses.fields(config):
+            value, rule = getattr(config, f.name), table.get(f.name)
+            if rule is None or value is None:  # None: allowed exactly where the type is optional (coerce)
+                continue
+            if isinstance(rule, Choice):
+                if value not in rule:
+                    raise ConfigError(f"unknown {f.name} {value!r}; choose {rule}")
+            elif isinstance(value, list):
+                if not all(v in rule for v in value):
+                    raise ConfigError(f"every value of {f.name} must be {rule}, got {value!r}")
+            elif value not in rule:
+                optional = type(None) in typing.get_args(field_types(type(config))[f.name])
+                raise ConfigError(f"{f.name} must be {rule}{' (or none)' if optional else ''}, got {value!r}")
 
 
 def as_dict(train: TrainConfig, hparams: Any) -> dict[str, Any]:

@@ -80,16 +80,36 @@ def local_part(n: int) -> slice:
     return slice(start, start + sizes[rank()])
 
 
-def gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+class BatchSplit:
+    """The part sizes of the global batch the trainer is running (set each step by ``split_batch``), so that
+    gathers of batch rows need not exchange their lengths: that exchange is a device sync every step."""
+
+    sizes: list[int] | None = None
+
+
+BATCH = BatchSplit()
+
+
+def split_batch(size: int) -> slice:
+    """This rank's rows of a global batch of ``size``, remembered for ``gather_batch_rows_at``."""
+    BATCH.sizes = part_sizes(size)
+    return local_part(size)
+
+
+def gather_rows_at(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Every rank's ``x`` concatenated along dim 0 in rank order (no gradient; parts may differ in length),
-    and the row where this rank's part starts. A batch-coupled loss (IS) compares its rows with all of them."""
+    and the row where this rank's part starts. Without ``sizes`` (each rank's row count) they are exchanged
+    first, which makes the host wait for the device."""
     world = world_size()
     if world == 1:
         return x, 0
-    count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
+    if sizes is None:
+        count = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+    if sizes[rank()] != x.shape[0]:
+        raise ValueError(f"rank {rank()} gathers {x.shape[0]} rows, but its part of the batch has {sizes[rank()]}")
     wire = x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach()  # gloo has no bool
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=wire.dtype, device=x.device)
     padded[: x.shape[0]] = wire
@@ -102,6 +122,17 @@ def gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0 in rank order (no gradient)."""
     return gather_rows_at(x)[0]
+
+
+def gather_batch_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``gather_rows_at`` for a tensor with a row per sample of the current batch (the trainer's split): the
+    global batch's rows with no length exchange, and where this rank's rows start. A batch-coupled loss (IS)
+    compares its rows with all of them."""
+    return gather_rows_at(x, BATCH.sizes)
+
+
+def gather_batch_rows(x: torch.Tensor) -> torch.Tensor:
+    return gather_batch_rows_at(x)[0]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +171,7 @@ def broadcast_state(module: nn.Module) -> None:
 
 def sharded_rows(fn, n: int) -> torch.Tensor:
     """``fn(slice)`` on this rank's part of ``n`` rows, gathered: a feature pass split across ranks."""
-    return gather_rows(fn(local_part(n)))  # one process: the part is every row and the gather is the identity
+    return gather_rows_at(fn(local_part(n)), part_sizes(n))[0]  # one process: the gather is the identity
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -161,11 +192,14 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over the global batch for gloo on CPU, where torch's SyncBatchNorm needs a GPU.
+    """BatchNorm over the global batch, on CPU (gloo, where torch's SyncBatchNorm needs a GPU) and GPU alike.
 
-    Two-pass statistics (mean, then mean squared deviation) summed over ranks with an autograd-aware
-    all-reduce; running statistics as BatchNorm's (unbiased variance). Takes (N, C) or (N, C, ...) input;
-    state_dict keys equal BatchNorm's, so checkpoints move between world sizes.
+    Two-pass statistics (mean, then mean squared deviation) in float32, summed over ranks with an autograd-aware
+    all-reduce; running statistics as BatchNorm's (unbiased variance). A rank with no rows (PAD's forward of its
+    isolated samples) joins with zero sums; when every rank is empty the running statistics are left as they
+    were. Nothing is read on the host. Used instead of SyncBatchNorm on GPUs too, whose empty-rank statistics
+    come in the input's dtype (bf16 under autocast) while the other ranks' are float32, in one all-gather.
+    Takes (N, C) or (N, C, ...) input; state_dict keys equal BatchNorm's, so checkpoints move between world sizes.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -179,16 +213,18 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         all_reduce = _AllReduceSum.apply
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = all_reduce(torch.tensor(float(x.numel() // max(1, x.shape[1])), device=x.device))
-        if float(count) == 0:  # every rank's part is empty (PAD's forward of its isolated samples): no statistics
-            return x
-        mean = all_reduce(x.float().sum(dims)) / count
+        # the count filled on the device (torch.tensor(value, device=cuda) would be a host-to-device copy)
+        count = all_reduce(x.new_full((), x.numel() // max(1, x.shape[1]), dtype=torch.float32))
+        seen = count.clamp(min=1)  # 0 / 1 = 0 statistics when every rank is empty
+        mean = all_reduce(x.float().sum(dims)) / seen
         centred = x.float() - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / count
+        var = all_reduce((centred * centred).sum(dims)) / seen
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                any_rows = (count > 0).float()
+                self.num_batches_tracked += any_rows.long()
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.clamp(min=1)
+                m = m * any_rows  # no decay towards the zero statistics of an empty batch
                 unbiased = var * count / (count - 1).clamp(min=1)
                 self.running_mean.mul_(1 - m).add_(m * mean)
                 self.running_var.mul_(1 - m).add_(m * unbiased)
@@ -198,10 +234,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of ``module`` normalised over the global batch: SyncBatchNorm on GPU, ours on CPU."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``module`` normalised over the global batch (``GlobalBatchNorm``), in place."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
             bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
@@ -210,5 +244,5 @@ def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
             bn.train(child.training)
             setattr(module, name, bn)
         else:
-            global_batchnorm(child, device)
+            global_batchnorm(child)
     return module

@@ -17,10 +17,13 @@ import torch.nn as nn
 from .augment import MEAN, STD
 from .backbones import BACKBONES, Sobel
 from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, load_checkpoint
+from .config import ConfigError
 
 EXPORT_FORMAT = "deepclust-backbone/1"
 FORMATS = ("safetensors", "torchvision", "timm")
 TORCHVISION_NAMES = {"resnet50": "resnet50", "resnet18_cifar": "resnet18", "vgg16_bn": "vgg16_bn"}
+FILE_KIND = {"safetensors": "safetensors", "torchvision": "torch pickle", "timm": "safetensors"}  # what is written
+SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "torchvision"}
 
 
 def small_stem(state: dict[str, torch.Tensor]) -> bool:
@@ -58,10 +61,26 @@ def backbone_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "safetensors") -> str:
-    """Write the checkpoint's backbone to ``out``; returns how to load it (Python lines)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+def export_format(out: str | Path, fmt: str | None = None) -> str:
+    """``fmt``, or the one ``out``'s suffix names (.safetensors, .pt / .pth; else safetensors); a format whose
+    file kind the suffix contradicts (a torchvision pickle named .safetensors, ...) is a ConfigError."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    suffix = Path(out).suffix.lower()
+    implied = SUFFIX_FORMATS.get(suffix)
+    if fmt is None:
+        return implied or "safetensors"
+    if implied is not None and FILE_KIND[fmt] != FILE_KIND[implied]:
+        fix = ".safetensors" if FILE_KIND[fmt] == "safetensors" else ".pth"
+        raise ConfigError(f"--format {fmt} writes a {FILE_KIND[fmt]} file, but {out} is named as a "
+                          f"{FILE_KIND[implied]} one; name it *{fix}, or pass --format {implied}")
+    return fmt
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str | None = None) -> str:
+    """Write the checkpoint's backbone to ``out``; returns how to load it (Python lines). ``fmt``: see
+    ``export_format`` (None: from the suffix)."""
+    fmt = export_format(out, fmt)
     payload = load_checkpoint(checkpoint)
     spec = payload["backbone"]
     name = spec["name"]

@@ -36,10 +36,8 @@ def neighbour_positives(index: torch.Tensor, neighbours: torch.Tensor) -> torch.
     """G_i = {i} plus the row ``neighbours[i]`` (N, S) of sample ids, padded with -1: a (B, N) mask."""
     mask = instance_positives(index, neighbours.shape[0])
     nbr = neighbours[index]  # (B, S)
-    rows = torch.arange(index.numel(), device=index.device).unsqueeze(1).expand_as(nbr)
-    valid = nbr >= 0
-    mask[rows[valid], nbr[valid]] = True
-    return mask
+    # A padding entry marks i itself, already set: no boolean indexing, whose size the host would have to read.
+    return mask.scatter_(1, torch.where(nbr >= 0, nbr, index.unsqueeze(1)), True)
 
 
 def label_positives(index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,11 @@ class MemoryBank(nn.Module):
         self.features.copy_(F.normalize(feats.float(), dim=1))
 
     def logits(self, feats: torch.Tensor, tau: float, chunk: int = 65536) -> torch.Tensor:
-        """Non-parametric softmax logits f . m_j / tau against every bank row: (B, N). A float16 bank is
-        multiplied a chunk of rows at a time in float32, so no float32 copy of the whole bank is made."""
-        if self.features.dtype == torch.float32:
-            return feats.float() @ self.features.t() / tau
+        """Non-parametric softmax logits f . m_j / tau against every bank row: (B, N), in float32 even under
+        autocast (which would otherwise cast the whole bank to bf16 on every call). A float16 bank is
+        multiplied a chunk of rows at a time, so no float32 copy of the whole bank is made."""
         feats = feats.float()
-        return torch.cat([feats @ part.float().t() for part in self.features.split(chunk)], dim=1) / tau
+        with torch.autocast(feats.device.type, enabled=False):
+            if self.features.dtype == torch.float32:
+                return feats @ self.features.t() / tau
+            return torch.cat([feats @ part.float().t() for part in self.features.split(chunk)], dim=1) / tau

@@ -1,10 +1,13 @@
 """What the process may use of the machine: CPU threads chosen against the jobs already running, the
-memory left, and whether bf16 autocast is native on the training device."""
+memory left, whether bf16 autocast is native on the training device, and the CUDA settings and host-to-device
+copies that keep a GPU from waiting."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,15 +66,67 @@ def available_memory() -> int | None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 autocast is worth it: on CUDA, and on a CPU with AVX512-BF16 or AMX instructions.
+    """bf16 autocast is worth it: on a GPU with native bf16 (compute capability 8.0 or newer: A100, H100, RTX 30xx
+    on; not V100 or T4, where it is emulated), and on a CPU with AVX512-BF16 or AMX instructions.
 
     On such a CPU the ConvNet's training step ran 1.6x faster than fp32 (BENCHMARKS.md); without them bf16
-    is emulated and slower, so such CPUs stay in fp32.
+    is emulated and slower, so such CPUs (and such GPUs) stay in fp32.
     """
     if device.type == "cuda":
-        return True
+        if not torch.cuda.is_available():
+            return False
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(device: torch.device, requested: bool) -> torch.dtype | None:
+    """The autocast dtype of a training run: bf16 where ``native_bf16``, else None (float32), logged on a GPU
+    without bf16. fp16 is not offered: the memory-bank softmax and the IS loss need bf16's range."""
+    if not requested:
+        return None
+    if native_bf16(device):
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_available():
+        log.warning("this GPU (compute capability %d.%d) has no native bf16: training in float32 (amp=false "
+                    "silences this)", *torch.cuda.get_device_capability(device))
+    return None
+
+
+def configure_device(device: torch.device, deterministic: bool = False) -> None:
+    """Fast CUDA settings that keep results within float32 tolerance: TF32 matmuls and convolutions (10-bit
+    mantissa products, float32 sums) and cuDNN's autotuner, which picks per input shape and so is off when
+    ``deterministic`` asks for repeatable results. Nothing to do on a CPU."""
+    if device.type != "cuda":
+        return
+    if deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace; set before its first handle
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: from pinned memory when a GPU is there (a
+    copy from pageable memory makes the host wait for the stream)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+@contextmanager
+def allow_sync() -> Iterator[None]:
+    """A host-device sync the step loop makes on purpose (the loss check every so many steps, a checkpoint, a
+    once-an-epoch table): exempt from DEEPCLUST_SYNC_DEBUG's check while inside."""
+    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)

@@ -13,11 +13,13 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .runtime import allow_sync
 
 log = logging.getLogger(__name__)
 
@@ -199,33 +201,49 @@ def raise_if_stopping(where: str, checkpoint: Path, resume_epoch: int, resume_st
 class LossGuard:
     """Checks every step's loss for NaN / inf.
 
-    With policy 'stop' a non-finite loss raises NumericalError naming where it happened and the checkpoint kept;
-    the check of a step's loss is made during the next step (``ok``) or at the epoch's end (``finish``), so a
-    GPU never waits for it. With 'skip' ``ok`` must know now (a host sync a step) and returns False to skip it.
+    With policy 'stop' ``ok`` reads nothing: it keeps, on the device, whether any loss since the last check was
+    non-finite and the first such step and value. They are read (one sync) every ``check_every`` steps, at a
+    checkpoint and at the epoch's end (``finish``), which raises NumericalError naming the first bad step and the
+    checkpoint kept: a GPU never waits for the loss, and a run never saves a state a bad step touched. With
+    'skip' ``ok`` must know now whether to apply the step: one host sync a step, and False skips it.
     """
 
-    def __init__(self, policy: str, checkpoint: Path):
-        self.policy, self.checkpoint = policy, checkpoint
-        self.pending: tuple[torch.Tensor, str] | None = None
+    def __init__(self, policy: str, checkpoint: Path, describe: Callable[[int], str], check_every: int = 100):
+        self.policy, self.checkpoint, self.describe, self.check_every = policy, checkpoint, describe, check_every
+        self.first_bad: torch.Tensor | None = None  # step of the first non-finite loss since the last check, or -1
+        self.bad_value: torch.Tensor | None = None
+        self.unchecked = 0
 
-    def ok(self, loss: torch.Tensor, where: str) -> bool:
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        loss = loss.detach()
         if self.policy == "skip":
-            if bool(torch.isfinite(loss.detach()).all()):
+            if bool(torch.isfinite(loss).all()):
                 return True
-            log.warning("non-finite loss (%s) at %s: step skipped (nan_policy=skip)", float(loss.detach()), where)
+            log.warning("non-finite loss (%s) at %s: step skipped (nan_policy=skip)", float(loss), self.describe(step))
             return False
-        self.finish()
-        self.pending = (loss.detach(), where)
+        new_bad = ~torch.isfinite(loss).all()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.bad_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = new_bad & (self.first_bad < 0)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        self.bad_value = torch.where(first, loss.float().reshape(()), self.bad_value)
+        self.unchecked += 1
+        if self.unchecked >= self.check_every:
+            self.finish()
         return True
 
     def finish(self) -> None:
-        if self.pending is None:
+        """Read what the steps since the last check left (one sync); raise NumericalError if any was bad."""
+        if self.first_bad is None:
             return
-        value, where = self.pending
-        self.pending = None
-        if bool(torch.isfinite(value).all()):
+        with allow_sync():
+            step, value = int(self.first_bad), float(self.bad_value)
+        self.first_bad = self.bad_value = None
+        self.unchecked = 0
+        if step < 0:
             return
         kept = (f"the last good checkpoint {self.checkpoint} is kept" if self.checkpoint.exists()
                 else "no checkpoint was written")
-        raise NumericalError(f"non-finite loss ({float(value)}) at {where}; {kept}. Lower lr, or pass "
+        raise NumericalError(f"non-finite loss ({value}) at {self.describe(step)}; {kept}. Lower lr, or pass "
                              "nan_policy=skip to skip such steps (they are counted in metrics.jsonl as skipped_steps)")

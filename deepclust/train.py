@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -37,10 +40,12 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, as_dict
 from .data import ImageData, IndexedImages, load_train_test
+from .device_memory import check_device_memory, plan_training_memory
 from .eval import extract_features, knn_accuracy
 from .methods import METHODS
 from .methods.base import Batch, EpochContext, Method
-from .runtime import choose_threads, native_bf16
+from .run_folder import check_same_config, claim_folder, resume_from_checkpoint
+from .runtime import allow_sync, autocast_dtype, choose_threads, configure_device
 from .safety import (
     STOP,
     LossGuard,
@@ -88,11 +93,13 @@ class Run:
     images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
     model: torch.nn.Module | None = None  # what computes the loss: the method, or its DDP wrapper under torchrun
     mid_epoch: dict[str, Any] | None = None  # where a checkpoint taken inside epoch ``start`` stood
+    images_fit: bool = True  # the training images fit on the device beside the run (``check_device_memory``)
 
     def __post_init__(self):
         self.images = self.data.images
         self.model = self.model or self.method
-        if self.device.type == "cuda" and self.cfg.num_workers == 0 and torch.is_tensor(self.images):  # not a cache
+        if self.device.type == "cuda" and self.cfg.num_workers == 0 and torch.is_tensor(self.images) and \
+                self.images_fit:  # not a cache
             self.images = self.images.to(self.device)  # uint8 on the device: augmentation never waits for the host
 
     @property
@@ -102,8 +109,8 @@ class Run:
     def payload(self, next_epoch: int) -> dict[str, Any]:
         b = self.method.backbone
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this process's GPU only: the checkpoint resumes with any number visible
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "method": self.cfg.method,
             "backbone": {"name": b.name, "image_size": self.data.image_size, "embed_dim": b.embed_dim,
@@ -130,18 +137,20 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if resume:
         payload = load_checkpoint(ckpt_path)
         check_compatible(payload, cfg.method, backbone_spec(cfg), ckpt_path)
+        check_same_config(payload, as_dict(cfg, hparams), ckpt_path)  # before any data is read
     threads = choose_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = distributed.initialise(resolve_device(cfg.device))
+    configure_device(device, cfg.deterministic)
     world = distributed.world_size()
     if cfg.batch_size < 2 * world:
         raise ConfigError(f"batch_size {cfg.batch_size} is too small for {world} processes: each needs at least 2 "
                           f"images of every batch; use batch_size >= {2 * world} or fewer processes")
-    if device.type == "cpu":
-        log.info("training on the CPU with %d torch thread(s), %s", threads,
-                 "bf16 autocast" if cfg.amp and native_bf16(device) else "float32")
+    amp = autocast_dtype(device, cfg.amp) is not None
+    where = f"the CPU with {threads} torch thread(s)" if device.type == "cpu" else str(device)
+    log.info("training on %s, %s", where, "bf16 autocast" if amp else "float32")
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset, cfg.subset_imbalance)
     if payload is not None and payload["num_samples"] != len(data):
@@ -155,8 +164,12 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         backbone.load_state_dict(backbone_from_checkpoint(init).state_dict())
         log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
+    images_fit = True
+    if device.type == "cuda":  # before anything is copied there
+        plan = plan_training_memory(method, len(data), data.image_size, cfg.batch_size, amp)
+        images_fit = check_device_memory(plan, device)
     if world > 1:  # BatchNorm statistics over the global batch, as one process would compute them
-        distributed.global_batchnorm(method, device)
+        distributed.global_batchnorm(method)
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -165,19 +178,35 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     model = None
     if world > 1:  # the bank and labels are replicated and updated from gathered steps, never broadcast per step
         model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+            method, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync(),
             find_unused_parameters=True)  # e.g. the embedding head of methods that train on pooled features
-    run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model)
+    run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model, images_fit=images_fit)
     if payload is not None:
         method.load_state_dict(payload["state"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        restore_cuda_rng(payload["rng"].get("cuda"), device)
         run.start, run.mid_epoch = payload["next_epoch"], payload.get("mid_epoch")
         log.info("resuming %s at epoch %d%s", ckpt_path, run.start,
                  f", step {run.mid_epoch['step']}" if run.mid_epoch else "")
     return run
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "never broadcast buffers at forward": ``forward_sync_buffers`` since torch 2.14, before
+    it ``broadcast_buffers`` (now deprecated)."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def restore_cuda_rng(state: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
+    """The CUDA generator of this process's GPU, from a checkpoint (older ones hold a list, one per visible GPU:
+    their first, or this index's). A CPU run, or a checkpoint of a CPU run, leaves it as seeded."""
+    if state is None or device.type != "cuda":
+        return
+    if isinstance(state, (list, tuple)):
+        state = state[min(device.index or 0, len(state) - 1)]
+    torch.cuda.set_rng_state(state, device)
 
 
 def feature_pass(run: Run, images: torch.Tensor, feature: str, normalize: bool = True,
@@ -208,113 +237,253 @@ def keep_batch(batch):
     return batch  # IndexedImages already returns a whole (pixels, index) batch
 
 
+STOP_CHECK_EVERY = 20  # steps between torchrun's all-reduce of "was any rank stopped?" (a sync each)
+
+
+@dataclass
+class EpochCursor:
+    """Where an epoch stands: its sample order (on the host), the next step, the generators, the partial sums.
+    A checkpoint inside the epoch saves it (``state``) and a resumed run rebuilds it (``resume_cursor``)."""
+
+    order: torch.Tensor
+    step: int
+    gen: torch.Generator  # CPU: the epoch's targets and order
+    aug_gen: torch.Generator | None  # on the training device: augmentation (None: the global generator)
+    loss_sum: torch.Tensor
+    steps: int = 0
+    skipped: int = 0
+    targets_time: float = 0.0
+    started: float = 0.0  # perf_counter at the epoch's start (moved back by a resumed epoch's time)
+
+    def state(self, method: Method) -> dict[str, Any]:
+        return {"step": self.step, "order": self.order, "generator": self.gen.get_state(),
+                "augment_generator": None if self.aug_gen is None else self.aug_gen.get_state(),
+                "augment_device": None if self.aug_gen is None else self.aug_gen.device.type,
+                "attributes": method.epoch_state(), "loss_sum": float(self.loss_sum), "steps": self.steps,
+                "skipped": self.skipped, "targets_time": self.targets_time,
+                "time": time.perf_counter() - self.started}
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) in the epoch's order of each global batch; a last batch of one sample is dropped (BN needs 2)."""
+    return [(a, min(a + batch_size, n)) for a in range(0, n, batch_size) if min(a + batch_size, n) - a > 1]
+
+
+def start_cursor(run: Run, ctx: EpochContext, aug_gen: torch.Generator | None) -> EpochCursor:
+    """A fresh epoch: the method's targets and sample order (rank 0's for every rank under torchrun)."""
+    t0 = time.perf_counter()
+    order = run.method.before_epoch(ctx)
+    targets_time = time.perf_counter() - t0
+    if order is None:
+        order = torch.randperm(len(run.images), generator=ctx.generator)
+    if distributed.world_size() > 1:  # replicas never drift apart (e.g. by float ties)
+        order = order.to(run.device)
+        distributed.broadcast_([order])
+        distributed.broadcast_state(run.method)
+    return EpochCursor(order.cpu(), 0, ctx.generator, aug_gen, torch.zeros((), device=run.device),
+                       targets_time=targets_time, started=t0)
+
+
+def resume_cursor(run: Run, mid: dict[str, Any], ctx: EpochContext, aug_gen: torch.Generator | None,
+                  bounds: list[tuple[int, int]]) -> EpochCursor:
+    """The epoch a checkpoint was taken inside: its targets and order as they were, the generators where they
+    stood. An augmentation generator of another device (a checkpoint moved between CPU and GPU) cannot take
+    the saved state: the draws of the steps already run are replayed on this device's generator instead."""
+    ctx.generator.set_state(mid["generator"])
+    run.method.load_epoch_state(mid["attributes"])
+    step = mid["step"]
+    if aug_gen is not None:
+        if mid.get("augment_device", "cpu") == aug_gen.device.type:
+            aug_gen.set_state(mid["augment_generator"])
+        else:
+            log.info("the checkpoint's augmentation generator is on %s, this run's on %s: replaying the draws of "
+                     "%d steps", mid.get("augment_device", "cpu"), aug_gen.device.type, step)
+            augment, (height, width) = Augment(run.data.image_size), run.images.shape[-2:]
+            for start, stop in bounds[:step]:
+                for _ in range(run.method.views):
+                    augment.draw(stop - start, height, width, aug_gen, run.device)
+    return EpochCursor(mid["order"], step, ctx.generator, aug_gen,
+                       torch.tensor(mid["loss_sum"], device=run.device), mid["steps"], mid["skipped"],
+                       mid["targets_time"], time.perf_counter() - mid["time"])
+
+
+def images_on_device(run: Run) -> bool:
+    """Whether the step reads its pixels straight from ``run.images`` (in memory, on the training device, no
+    workers): then each batch is a slice of the epoch's order, already on the device."""
+    images = run.images
+    return torch.is_tensor(images) and images.device.type == run.device.type and run.cfg.num_workers == 0
+
+
+def epoch_batches(run: Run, cursor: EpochCursor, bounds: list[tuple[int, int]], parts: list[slice],
+                  seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    """From ``cursor.step`` on: each step's uint8 pixels and sample ids on the device, and the ids on the host.
+    Images on the device are indexed with slices of the order uploaded once an epoch (nothing crosses per step);
+    otherwise a DataLoader (workers, a disk cache or host memory; pinned for a GPU) fetches them."""
+    host_order = cursor.order.numpy()
+    rows = [(a + p.start, a + p.stop) for (a, _), p in zip(bounds, parts, strict=True)]  # this rank's rows
+    if images_on_device(run):
+        order = cursor.order.to(run.device)
+        for lo, hi in rows[cursor.step:]:
+            index = order[lo:hi]
+            yield run.images[index], index, host_order[lo:hi]
+        return
+    batches = [cursor.order[lo:hi].tolist() for lo, hi in rows[cursor.step:]]
+    loader = torch.utils.data.DataLoader(IndexedImages(run.images), batch_sampler=batches,
+                                         num_workers=run.cfg.num_workers, collate_fn=keep_batch,
+                                         pin_memory=run.device.type == "cuda" and torch.cuda.is_available(),
+                                         worker_init_fn=ignore_stop_signals,  # worker seeds from the epoch's
+                                         generator=torch.Generator().manual_seed(seed))  # not the global RNG
+    for pixels, index in start_workers(loader):
+        yield pixels.to(run.device, non_blocking=True), index.to(run.device, non_blocking=True), index.numpy()
+
+
+def make_batch(method: Method, augment: Augment, pixels: torch.Tensor, index: torch.Tensor, host_index: np.ndarray,
+               size: int, part: slice, aug_gen: torch.Generator | None, channels_last: bool) -> Batch:
+    """A step's augmented views. Each view's parameters are drawn for the whole global batch of ``size`` (so
+    a split batch is augmented as in one process) and this rank's ``part`` applied; a view the method needs
+    only for some rows (``view_rows``) is augmented for just those."""
+    height, width = pixels.shape[-2:]
+    views, view_rows = [], []
+    for view in range(method.views):
+        draw = augment.draw(size, height, width, aug_gen, pixels.device).rows(part)
+        rows = method.view_rows(view, index, host_index)
+        views.append(augment.apply(pixels, draw) if rows is None else augment.apply(pixels[rows], draw.rows(rows)))
+        view_rows.append(rows)
+    if channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    clean = test_transform(pixels, augment.size) if method.clean_view else None
+    return Batch(views, index, clean, view_rows)
+
+
+def train_step(run: Run, batch: Batch, size: int, guard: LossGuard, step: int, amp: torch.dtype | None,
+               learn: bool = True) -> torch.Tensor | None:
+    """Loss, backward, optimiser step, then the method's ``after_step`` on the global batch; nothing is read
+    on the host (but with nan_policy=skip). Returns the global batch's loss (None: a skipped step).
+    ``learn=False`` runs no backward or optimiser step (the fake-CUDA test, which cannot run backward)."""
+    world = distributed.world_size()
+    with torch.autocast(run.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
+            torch.set_grad_enabled(learn):
+        loss, outputs = run.model(batch)
+    if world > 1:  # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
+        loss = loss * (len(batch.index) * world / size)
+        global_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # every rank sees a NaN
+    else:
+        global_loss = loss.detach()
+    if not guard.ok(global_loss, step):
+        return None
+    if learn:
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+    if world > 1:  # every rank applies the whole global batch's update to its replica of the state
+        outputs = {k: distributed.gather_batch_rows(v.detach()) for k, v in outputs.items()}
+        batch = Batch([], distributed.gather_batch_rows(batch.index))
+    run.method.after_step(batch, outputs)
+    return global_loss
+
+
 def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     cfg, method, device = run.cfg, run.method, run.device
     round_, epoch = divmod(global_epoch, cfg.epochs)
     seed = epoch_seed(cfg.seed, round_, epoch)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
-    images = run.images
+    amp = autocast_dtype(device, cfg.amp)
 
     def extract(feature: str, normalize: bool = True) -> torch.Tensor:  # targets: in the precision training runs
-        return feature_pass(run, images, feature, normalize, bf16=cfg.amp and native_bf16(device))
+        return feature_pass(run, run.images, feature, normalize, bf16=amp is not None)
 
     ctx = EpochContext(round_, epoch, cfg.epochs, cfg.rounds, seed, gen, device, extract,
                        run.data.labels, lambda m: reset_optimizer_state(run.optimizer, m))
-    t0 = time.perf_counter()
-    world = distributed.world_size()
     mid, run.mid_epoch = run.mid_epoch, None
+    bounds = batch_bounds(len(run.images), cfg.batch_size)
     if mid is None:
-        order = method.before_epoch(ctx)
-        t_targets = time.perf_counter() - t0
-        if order is None:
-            order = torch.randperm(len(images), generator=gen)
-        if world > 1:  # rank 0's targets and order for all: replicas never drift apart (e.g. by float ties)
-            order = order.to(device)
-            distributed.broadcast_([order])
-            distributed.broadcast_state(method)
-            order = order.cpu()
-        first, total, steps, skipped = 0, torch.zeros((), device=device), 0, 0
-    else:  # a checkpoint inside this epoch: its targets and order as they were, the generators where they stood
-        order, t_targets, first = mid["order"], mid["targets_time"], mid["step"]
-        gen.set_state(mid["generator"])
-        aug_gen.set_state(mid["augment_generator"])
-        method.load_epoch_state(mid["attributes"])
-        total, steps, skipped = torch.tensor(mid["loss_sum"], device=device), mid["steps"], mid["skipped"]
-        t0 -= mid["time"]
-    global_batches = [b for b in order.split(cfg.batch_size) if b.numel() > 1]  # BN needs 2 samples
-    parts = [distributed.local_part(b.numel()) for b in global_batches]  # this rank's rows of each batch
-    batches = [b[part].tolist() for b, part in zip(global_batches, parts, strict=True)]
+        cursor = start_cursor(run, ctx, aug_gen)
+    else:
+        cursor = resume_cursor(run, mid, ctx, aug_gen, bounds)
+    parts = [distributed.local_part(stop - start) for start, stop in bounds]  # this rank's rows of each batch
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
-    loader = torch.utils.data.DataLoader(IndexedImages(images), batch_sampler=batches[first:],
-                                         num_workers=cfg.num_workers, collate_fn=keep_batch,
-                                         pin_memory=not images.is_cuda and device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals,  # worker seeds from the epoch's
-                                         generator=torch.Generator().manual_seed(seed))  # not the global RNG
     augment = Augment(run.data.image_size)
-    height, width = images.shape[-2:]
-    use_amp = cfg.amp and native_bf16(device)
-    channels_last = cfg.channels_last
     method.train()
     checkpoint = run.out / "checkpoint.pt"
-    guard = LossGuard(cfg.nan_policy, checkpoint)
-    bar = tqdm(start_workers(loader), desc=f"round {round_} epoch {epoch}", total=len(loader), leave=False,
-               disable=not cfg.progress)
-    for step, (pixels, index) in enumerate(bar, start=first):
-        where = f"round {round_} epoch {epoch} step {step} of {cfg.method}"
-        pixels, index = pixels.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        size = len(global_batches[step])  # each view's parameters are drawn for the global batch
-        views = []
-        for view in range(method.views):
-            draw = augment.draw(size, height, width, aug_gen, device).rows(parts[step])
-            rows = method.view_rows(view, index)  # e.g. PAD's second view: only its isolated samples need it
-            views.append(augment.apply(pixels, draw) if rows is None else augment.apply(pixels[rows], draw.rows(rows)))
-        if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        batch = Batch(views, index, test_transform(pixels, augment.size) if method.clean_view else None)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, outputs = run.model(batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
-            loss = loss * (len(index) * world / size)
-            global_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # every rank sees a NaN
-        else:
-            global_loss = loss
-        if guard.ok(global_loss, where):
-            loss.backward()
-            run.optimizer.step()
-            if world > 1:  # every rank applies the whole global batch's update to its replica of the state
-                outputs = {k: distributed.gather_rows(v.detach()) for k, v in outputs.items()}
-                batch = Batch([], distributed.gather_rows(index))
-            method.after_step(batch, outputs)
-            total += global_loss.detach()
-            steps += 1
-        else:
-            skipped += 1
-        if world > 1 and distributed.any_rank(STOP.signum is not None, device) and STOP.signum is None:
-            STOP.signum = signal.SIGTERM  # another rank was stopped: all stop after the same step
-        done, stopping = step + 1, STOP.signum is not None
-        if cfg.checkpoint_every and (stopping or (done % cfg.checkpoint_every == 0 and done < len(batches))):
-            guard.finish()  # a non-finite step is never checkpointed
-            if distributed.is_main():
-                save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": {
-                    "step": done, "order": order, "generator": gen.get_state(),
-                    "augment_generator": aug_gen.get_state(), "attributes": method.epoch_state(),
-                    "loss_sum": float(total), "steps": steps, "skipped": skipped, "targets_time": t_targets,
-                    "time": time.perf_counter() - t0}})
-        # without checkpoint_every, the epoch's checkpoint is the one before it
-        raise_if_stopping(where, checkpoint, global_epoch, done if cfg.checkpoint_every else None)
+    guard = LossGuard(cfg.nan_policy, checkpoint, lambda s: f"round {round_} epoch {epoch} step {s} of {cfg.method}")
+    batches = tqdm(epoch_batches(run, cursor, bounds, parts, seed), desc=f"round {round_} epoch {epoch}",
+                   total=len(bounds) - cursor.step, leave=False, disable=not cfg.progress)
+    with sync_debug(device):
+        for pixels, index, host_index in batches:
+            step = cursor.step
+            size = bounds[step][1] - bounds[step][0]
+            part = distributed.split_batch(size)
+            batch = make_batch(method, augment, pixels, index, host_index, size, part, aug_gen, cfg.channels_last)
+            loss = train_step(run, batch, size, guard, step, amp)
+            if loss is None:
+                cursor.skipped += 1
+            else:
+                cursor.loss_sum += loss
+                cursor.steps += 1
+            cursor.step = done = step + 1
+            stopping = stop_agreed(done, len(bounds), device)
+            if cfg.checkpoint_every and (stopping or (done % cfg.checkpoint_every == 0 and done < len(bounds))):
+                with allow_sync():
+                    guard.finish()  # a non-finite step is never checkpointed
+                    if distributed.is_main():
+                        save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": cursor.state(method)})
+            if stopping:  # without checkpoint_every, the epoch's checkpoint is the one before it
+                raise_if_stopping(f"round {round_} epoch {epoch} step {step} of {cfg.method}", checkpoint,
+                                  global_epoch, done if cfg.checkpoint_every else None)
     guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
-                           "loss": float(total) / max(1, steps), "lr": lr}
+                           "loss": float(cursor.loss_sum) / max(1, cursor.steps), "lr": lr}
     if cfg.nan_policy == "skip":
-        row["skipped_steps"] = skipped
+        row["skipped_steps"] = cursor.skipped
     row.update(method.after_epoch(ctx))
-    row["time"] = time.perf_counter() - t0
-    row["targets_time"] = t_targets
+    row["time"] = time.perf_counter() - cursor.started
+    row["targets_time"] = cursor.targets_time
     return row
+
+
+def stop_agreed(done: int, steps: int, device: torch.device) -> bool:
+    """Whether to stop after step ``done``: at SIGTERM / SIGINT; under torchrun only at steps every rank checks
+    together (every ``STOP_CHECK_EVERY`` and the last), so that all stop after the same step."""
+    if distributed.world_size() == 1:
+        return STOP.signum is not None
+    if done % STOP_CHECK_EVERY and done != steps:
+        return False
+    with allow_sync():
+        stopping = distributed.any_rank(STOP.signum is not None, device)
+    if stopping and STOP.signum is None:
+        STOP.signum = signal.SIGTERM  # another rank was stopped
+    return stopping
+
+
+@contextlib.contextmanager
+def sync_debug(device: torch.device) -> Iterator[None]:
+    """With DEEPCLUST_SYNC_DEBUG=warn|error on a GPU, torch warns or raises at any host-device sync in the step
+    loop (the GPU tests set it; the loss check every ``LossGuard.check_every`` steps is the one it allows)."""
+    mode = os.environ.get("DEEPCLUST_SYNC_DEBUG")
+    if not mode or device.type != "cuda" or not torch.cuda.is_available():
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of a nested payload with every tensor cloned into host memory (the run's starting state, kept
+    for a stop before the first checkpoint, must not double the method's state on the GPU)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def write_metrics(path: Path, row: dict[str, Any], board: TensorBoardLog | None = None) -> None:
@@ -346,19 +515,24 @@ def truncate_metrics(path: Path, next_epoch: int) -> None:
     os.replace(tmp, path)  # a crash while rewriting never loses the rows kept
 
 
-def train(cfg: TrainConfig, hparams: Any, resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, hparams: Any, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume) a run in ``cfg.out``; returns the last metrics row.
 
-    The folder is locked against a second run. SIGTERM / SIGINT stop the run after its current step with
-    RunInterrupted; the last epoch's checkpoint (on an interrupted first epoch: the initial state) resumes it.
+    The folder is locked against a second run. A folder that holds a run is refused unless ``resume``
+    (continue it; with no checkpoint yet, start from the beginning) or ``overwrite`` (move it aside to
+    OUT.1). SIGTERM / SIGINT stop the run after its current step with RunInterrupted; the last epoch's
+    checkpoint (on an interrupted first epoch: the initial state) resumes it.
     """
     main = distributed.launch_rank() == 0  # only rank 0 writes the folder
     with hold_folder(Path(cfg.out)) if main else contextlib.nullcontext(), stop_on_signals(), \
             disk_full_is_a_run_error(Path(cfg.out)):
+        if main:  # under the lock (no live run is moved aside), before any data is read
+            claim_folder(Path(cfg.out), resume, overwrite)
         return train_in_folder(cfg, hparams, resume)
 
 
 def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, Any]:
+    resume = resume_from_checkpoint(Path(cfg.out), resume)  # no checkpoint yet: the same as a fresh start
     run = setup(cfg, hparams, resume)
     main = distributed.is_main()
     metrics_path = run.out / "metrics.jsonl"
@@ -383,7 +557,7 @@ def train_in_folder(cfg: TrainConfig, hparams: Any, resume: bool) -> dict[str, A
     total = cfg.epochs * cfg.rounds if run.method.trains else 0
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     # for a stop in epoch 0 before any checkpoint (with checkpoint_every, the stop itself writes one)
-    initial = copy.deepcopy(run.payload(0)) if run.start == 0 and total > 0 and not cfg.checkpoint_every else None
+    initial = host_copy(run.payload(0)) if run.start == 0 and total > 0 and not cfg.checkpoint_every else None
     # Rank 0 decides (it may already be writing the file): every rank must join the evaluation or none.
     has_baseline = distributed.any_rank(main and any(r.get("untrained") for r in read_metrics(metrics_path)),
                                         run.device)

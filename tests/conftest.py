@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,11 @@ from deepclust.cli import main
 # Tiny tensors everywhere: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine, which
 # made e.g. index_add_ on a 160 x 32 tensor ~100x slower, and keeps float results thread-count independent.
 torch.set_num_threads(1)
+# deterministic=True on CUDA raises at the first cuBLAS matmul unless this is set before the first handle exists.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# Every device the suite checks: the CPU here and in CI; a GPU machine adds cuda (benchmarks/gpu_check runs it).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # The tiny run every CLI test reuses: digits, 4-layer ConvNet of width 8, one epoch, 200 images.
 TRAIN_FLAGS = ["--data", "digits", "--backbone", "convnet", "--epochs", "1"]
@@ -33,6 +39,12 @@ def weighted_knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.n
     for row in range(len(test)):
         np.add.at(votes[row], train_labels[idx[row]], weights[row])
     return votes.argmax(1)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a building-block or training test runs on: cpu, and cuda where a GPU is visible."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

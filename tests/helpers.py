@@ -30,7 +30,7 @@ def run_cfg(tmp_path, method, name="run", **keys):
     data = tiny_npz(tmp_path)
     layer = {"method": method, "data": data, "test_data": data, "backbone": "convnet", "width": 8,
              "epochs": 2, "batch_size": 32, "out": str(tmp_path / name), "progress": False, "seed": 3,
-             "deterministic": True, "lr_decay_at": [], **keys}
+             "deterministic": True, "lr_decay_at": [], "device": "cpu", **keys}  # pass device=... for another
     return resolve([layer])
 
 

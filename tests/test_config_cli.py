@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -377,9 +378,13 @@ def test_resume_with_other_data_size(run_copy, capsys, tiny_train_args):
     assert "200" in err and "150" in err
 
 
-def test_resume_without_checkpoint(tmp_path, capsys, tiny_train_args):
+def test_resume_without_checkpoint_starts_the_run(tmp_path, capsys, caplog, tiny_train_args):
+    # a run killed before its first checkpoint, or never started: the same command with --resume starts it
+    caplog.set_level(logging.INFO, logger="deepclust")
     rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "fresh", "--resume", *tiny_train_args)
-    assert rc == 2 and "no checkpoint" in err
+    assert rc == 0, err
+    assert "has no checkpoint yet" in caplog.text and "starting the run from the beginning" in caplog.text
+    assert load_checkpoint(tmp_path / "fresh" / "checkpoint.pt")["next_epoch"] == 1
 
 
 class MakeDirOnUnpickle:

@@ -36,7 +36,7 @@ METHODS = {"npid": {}, "is": {}, "deepcluster": {"k": 4}, "odc": {"k": 4, "min_c
 def layer(data: str, method: str, out: Path, **keys) -> dict:
     return {"method": method, "data": data, "test_data": data, "backbone": "convnet", "width": 8, "epochs": 2,
             "batch_size": 32, "out": str(out), "progress": False, "seed": 3, "lr_decay_at": [], "amp": False,
-            "eval_every": 0, **METHODS[method], **keys}
+            "eval_every": 0, "device": "cpu", **METHODS[method], **keys}  # gloo: the CPU, even on a GPU machine
 
 
 def torchrun(tmp_path: Path, nproc: int, spec: dict) -> None:

@@ -47,9 +47,9 @@ def test_knn_predict_scores_by_hand():
     scores = knn_predict(test, train, labels, num_classes=3, k=2, tau=0.5)
     expected = torch.tensor([[math.exp(1.0 / 0.5), math.exp(0.6 / 0.5), 0.0]])  # neighbours 0 and 2
     torch.testing.assert_close(scores, expected)
-    # k larger than the training set: all neighbours vote
+    # k larger than the training set: capped at N - 1 = 2 (here also the smallest class's 1 x 2 classes)
     scores = knn_predict(test, train, labels, num_classes=2, k=50, tau=1.0)
-    expected = torch.tensor([[math.exp(1.0), math.exp(0.0) + math.exp(0.6)]])
+    expected = torch.tensor([[math.exp(1.0), math.exp(0.6)]])  # neighbours 0 and 2, as with k = 2
     torch.testing.assert_close(scores, expected)
 
 
@@ -124,3 +124,39 @@ def test_extract_features_modes_shapes_and_values():
     assert extract_features(model, images, "embedding", image_size=8).shape == (7, 128)
     with pytest.raises(ValueError, match="embedding"):
         extract_features(model, images, "logits")
+
+
+def test_knn_k_beyond_what_the_data_allows_is_capped_and_said_once(sklearn_knn, caplog, monkeypatch):
+    from deepclust.eval import knn as knn_module
+
+    monkeypatch.setattr(knn_module, "_clamps_logged", set())
+    # 9 training images, 5 of class 0 (angles 0-40 degrees) and 4 of class 1 (70-100); tests near class 1.
+    # tau = 10 makes the votes nearly equal: with all 9 voting the larger class wins by its size alone.
+    angles = torch.tensor([0.0, 10, 20, 30, 40, 70, 80, 90, 100]) * math.pi / 180
+    train = torch.stack([angles.cos(), angles.sin()], 1)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    test_angles = torch.tensor([75.0, 85, 95]) * math.pi / 180
+    test = torch.stack([test_angles.cos(), test_angles.sin()], 1)
+    test_labels = torch.ones(3, dtype=torch.long)
+    with caplog.at_level("WARNING", logger="deepclust.eval.knn"):
+        scores = knn_predict(test, train, labels, num_classes=2, k=200, tau=10.0)
+        accuracy = knn_accuracy(test, test_labels, train, labels, k=200, tau=10.0)
+    # by hand, k = N - 1 = 8: every training image but the farthest (angle 0, class 0) votes exp(cos / tau)
+    sims = test @ train.t()
+    keep = sims.argsort(1, descending=True)[:, :8]
+    want = torch.zeros(3, 2)
+    for row in range(3):
+        for j in keep[row].tolist():
+            want[row, labels[j]] += math.exp(float(sims[row, j]) / 10.0)
+    torch.testing.assert_close(scores, want)
+    reference = sklearn_knn(train.numpy(), labels.numpy(), test.numpy(), k=8, tau=10.0)
+    assert accuracy == 100.0 * float((reference == 1).mean()) == 100.0
+    uncapped = sklearn_knn(train.numpy(), labels.numpy(), test.numpy(), k=9, tau=10.0)
+    assert (uncapped == 0).all()  # what k >= N measured: 0%, below chance
+    assert caplog.text.count("using k = 8") == 1  # said once, not at every evaluation
+    # an imbalanced set: at most the smallest class's size times the class count (2 x 2), not N - 1 = 7
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    train = F.normalize(torch.randn(8, 4, generator=gen(8)), dim=1)
+    test = F.normalize(torch.randn(6, 4, generator=gen(9)), dim=1)
+    torch.testing.assert_close(knn_predict(test, train, labels, 2, k=200), knn_predict(test, train, labels, 2, k=4))
+    assert knn_module.usable_k(200, labels) == 4 and knn_module.usable_k(3, labels) == 3

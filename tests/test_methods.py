@@ -121,7 +121,7 @@ def test_odc_step_updates_memory_with_momentum_and_relabels_to_nearest_centroid(
     assert torch.allclose(m.memory.features[0], mixed)
     assert m.labels.tolist() == [1, 1, 0, 1]
     assert m.touched.tolist() == [True, True]
-    assert m.batch_changes == [0.0, 1.0]
+    assert m.change_steps == 2 and float(m.change_sum) == 1.0  # label changes 0.0, then 1.0
 
 
 def test_odc_clean_memory_update_uses_the_unaugmented_image_in_eval_mode():

@@ -235,6 +235,29 @@ def test_export_convnet_only_as_safetensors(trained_checkpoint, tmp_path, capsys
     assert not any(k.startswith(("head", "memory")) for k in load_file(tmp_path / "c.safetensors"))
 
 
+def test_export_format_follows_the_suffix_and_a_mismatch_is_refused(tmp_path, capsys):
+    run = tmp_path / "r18"
+    assert main(["train", "--method", "random", "--backbone", "resnet18_cifar", "--out", str(run), "subset=8",
+                 "test_subset=4", "progress=false"]) == 0
+    capsys.readouterr()
+    ckpt = run / "checkpoint.pt"
+    # no --format: .pth and .pt are torchvision's plain state_dict, .safetensors (and any other name) safetensors
+    for name, kind in [("b.pth", "torchvision"), ("b.PT", "torchvision"), ("b.safetensors", "safetensors"),
+                      ("b.bin", "safetensors")]:
+        rc, stdout, _ = run_cli(capsys, "export", "--checkpoint", ckpt, "--out", tmp_path / name)
+        assert rc == 0 and f"({kind})" in stdout, name
+    pickled, safe = torch.load(tmp_path / "b.pth", weights_only=True), load_file(tmp_path / "b.safetensors")
+    assert pickled.keys() == safe.keys() and all(torch.equal(pickled[k], safe[k]) for k in safe)
+    assert load_file(tmp_path / "b.bin").keys() == safe.keys()
+    # a pickle under a safetensors name, or safetensors under a torch name: refused, nothing written
+    for name, kind in [("x.safetensors", "torchvision"), ("x.pth", "safetensors"), ("x.pt", "timm")]:
+        rc, _, err = run_cli(capsys, "export", "--checkpoint", ckpt, "--out", tmp_path / name, "--format", kind)
+        assert rc == 2 and f"--format {kind} writes a" in err and "name it" in err, err
+        assert not (tmp_path / name).exists()
+    rc, _, _ = run_cli(capsys, "export", "--checkpoint", ckpt, "--out", tmp_path / "t.safetensors", "--format", "timm")
+    assert rc == 0 and load_file(tmp_path / "t.safetensors").keys() == safe.keys()  # timm's files are safetensors
+
+
 # --- report and compare -------------------------------------------------------------------------------
 
 

@@ -146,7 +146,8 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
         proc.kill()  # SIGKILL: no clean-up, the lock stays behind
         proc.communicate(timeout=60)
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid
-    rc = main(["train", "--method", "npid", "--out", str(out), *tiny_train_args])
+    # the dead run may have logged its untrained baseline: its folder then holds a run, set aside by --overwrite
+    rc = main(["train", "--method", "npid", "--out", str(out), "--overwrite", *tiny_train_args])
     assert rc == 0, capsys.readouterr().err
     assert (f"taking over the lock {out}/{LOCK_NAME} left by a run that ended without removing it "
             f"({{'pid': {proc.pid}, ") in caplog.text

@@ -45,8 +45,17 @@ def test_requested_threads_and_the_users_omp_setting_win(monkeypatch, restore_th
         runtime.choose_threads(0)
 
 
-def test_bf16_autocast_is_used_where_the_device_runs_it_natively(monkeypatch):
+def test_bf16_autocast_is_used_where_the_device_runs_it_natively(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100 / H200
     assert runtime.native_bf16(torch.device("cuda"))
+    assert runtime.autocast_dtype(torch.device("cuda"), True) is torch.bfloat16
+    assert runtime.autocast_dtype(torch.device("cuda"), False) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # V100: emulated bf16
+    assert not runtime.native_bf16(torch.device("cuda"))
+    with caplog.at_level("WARNING"):
+        assert runtime.autocast_dtype(torch.device("cuda"), True) is None
+    assert "compute capability 7.0) has no native bf16: training in float32" in caplog.text
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert not runtime.native_bf16(torch.device("cpu"))  # emulated bf16 is slower than fp32: stay in fp32

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributed import all_reduce_sum, gather_rows, local_part
+from ..distributed import all_reduce_sum, gather_rows_at, local_part, part_sizes
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int =
     previous, passes = None, 0
     for _ in range(max(1, iters)):
         passes += 1
-        assignments = gather_rows(assign(x_ones[part], centroids, chunk)[0])
+        assignments = gather_rows_at(assign(x_ones[part], centroids, chunk)[0], part_sizes(n))[0]
         if previous is not None and torch.equal(assignments, previous):
             break  # the centroids are already these assignments' means (and none is empty)
         assignments = split_empty_clusters(x, centroids, assignments, gen)

@@ -11,21 +11,24 @@ from .kmeans import check_finite
 log = logging.getLogger(__name__)
 
 
-def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:
+def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5, chunk: int = 65536) -> torch.Tensor:
     """Project centred rows onto the top ``dim`` principal axes, scaled to unit variance.
 
     ``dim`` is capped at the feature width and at N - 1 (the rank of centred data); a cap is logged,
-    never an error, so tiny datasets still cluster.
+    never an error, so tiny datasets still cluster. The covariance and its eigenvectors are float64, summed a
+    ``chunk`` of rows at a time; the projection runs in the input's dtype (float32), so memory stays at N x d.
     """
     n, d = x.shape
     check_finite(x, "PCA")
     cap = min(dim, d, max(1, n - 1))
     if cap < dim:
         log.warning("PCA to %d dimensions instead of %d (features have %d dims, %d samples)", cap, dim, d, n)
-    xd = x.double()
-    xc = xd - xd.mean(0, keepdim=True)
-    cov = xc.t() @ xc / max(1, n - 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    mean = x.double().mean(0, keepdim=True)
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for start in range(0, n, chunk):  # float64 sums of a chunk at a time: no float64 copy of all N rows
+        xc = x[start:start + chunk].double() - mean
+        cov += xc.t() @ xc
+    evals, evecs = torch.linalg.eigh(cov / max(1, n - 1))  # ascending
     evals, evecs = evals.flip(0)[:cap], evecs.flip(1)[:, :cap]
-    proj = evecs / torch.sqrt(evals.clamp(min=0) + eps)
-    return (xc @ proj).to(x.dtype)
+    proj = (evecs / torch.sqrt(evals.clamp(min=0) + eps)).to(x.dtype)
+    return (x - mean.to(x.dtype)) @ proj

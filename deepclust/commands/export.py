@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import FORMATS, export_backbone
+from ..export import FORMATS, export_backbone, export_format
 
 
 def run(args: argparse.Namespace) -> int:
-    how = export_backbone(args.checkpoint, args.out, args.format)
-    print(f"wrote {args.out} ({args.format}): the backbone alone, no method heads, memory banks or optimiser state."
+    fmt = export_format(args.out, args.format)  # a mismatch with the suffix: refused before anything is read
+    how = export_backbone(args.checkpoint, args.out, fmt)
+    print(f"wrote {args.out} ({fmt}): the backbone alone, no method heads, memory banks or optimiser state."
           f"\nLoad it with:\n\n{how}\n")
     return 0
 
@@ -18,4 +19,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the trained backbone alone (safetensors, torchvision or timm)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="default: from the --out suffix (.pt, .pth: torchvision; .safetensors and others: safetensors)")

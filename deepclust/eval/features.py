@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..augment import test_transform
 from ..backbones import Backbone
+from ..runtime import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embe
     ``feature`` is "embedding" (the 128-d head output) or "pooled" (the trunk's pooled features).
     Inputs go in channels_last (NHWC), about twice as fast here on CPU; conv-BN pairs are folded.
     Batches of 128 on CPU (they stay in cache), 1024 on GPU. Restores the model's train/eval mode. The
-    forward runs in bf16 autocast on CUDA, and wherever ``bf16`` asks (a training run's target pass on a CPU
-    with native bf16: 1.65x faster here); evaluation on the CPU stays float32.
+    forward runs in bf16 autocast on a GPU with native bf16, and wherever ``bf16`` asks (a training run's target
+    pass on a CPU with native bf16: 1.65x faster here); evaluation on the CPU stays float32.
     """
     if feature not in ("embedding", "pooled"):
         raise ValueError(f"feature must be 'embedding' or 'pooled', not {feature!r}")
@@ -59,7 +60,7 @@ def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embe
     for start in range(0, images.shape[0], batch_size):
         x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size)
         x = x.contiguous(memory_format=torch.channels_last)
-        amp = device.type == "cuda" if bf16 is None else bf16
+        amp = native_bf16(device) if device.type == "cuda" and bf16 is None else bool(bf16)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             f = pooled_features(model, trunk, x)
             f = model.embed(f) if feature == "embedding" else f

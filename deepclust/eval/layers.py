@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..augment import test_transform
 from ..backbones import Backbone
+from ..runtime import native_bf16
 
 LAYER_TARGET_DIM = 2048
 
@@ -60,10 +61,11 @@ def layer_features(model: Backbone, images: torch.Tensor, layers: list[str] | No
     handles = [stages[name].register_forward_hook(keep(name)) for name in names]
     was_training = model.training
     model.eval()
+    amp = device.type == "cuda" and native_bf16(device)
     try:
         for start in range(0, images.shape[0], batch_size):
             x = test_transform(images[start:start + batch_size].to(device), image_size or images.shape[-1])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 model.features(x)
     finally:
         for handle in handles:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..augment import Augment
 from ..backbones import Backbone
+from ..runtime import host_to_device, native_bf16
 from .features import extract_features, inference_trunk, pooled_features
 
 SGD_MILESTONES = (10 / 32, 20 / 32, 30 / 32)  # UIC: /10 at epochs 10, 20 and 30 of 32
@@ -59,12 +60,14 @@ def sgd_linear_probe(model: Backbone, train_images: torch.Tensor, train_labels: 
     plain = extract_features(model, train_images, "pooled", device=device, image_size=size, normalize=False)
     mean, std = plain.mean(0), plain.std(0).clamp(min=1e-6)
     del plain
+    amp = device.type == "cuda" and native_bf16(device)
     for _ in range(epochs):
         order = torch.randperm(train_images.shape[0], generator=gen, device=device)
+        host_order = order.cpu()  # once an epoch: the host images are indexed on the host
         for start in range(0, order.numel(), batch_size):
             idx = order[start:start + batch_size]
-            x = augment(train_images[idx.cpu()].to(device, non_blocking=True), gen)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = augment(host_to_device(train_images[host_order[start:start + batch_size]], device), gen)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 feats = pooled_features(model, trunk, x.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(layer((feats.float() - mean) / std), labels[idx])
             opt.zero_grad(set_to_none=True)

@@ -65,6 +65,7 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
                                           normalize=normalize)
         return cache[key]
 
+    classes = max(train.num_classes, test.num_classes)  # from the host labels, before they move to the device
     ytr, yte = train.labels.to(device), test.labels.to(device)
     test_feats = feats(test, feature) if {"knn", "cluster", "fewshot"} & set(protocols) else None
     if "knn" in protocols:
@@ -73,7 +74,8 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
         out["linear_top1"] = sgd_linear_probe(model, train.images, ytr, test.images, yte, probe_epochs,
                                               device=device, image_size=size, seed=seed)
     elif "linear" in protocols:
-        out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte)
+        out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte,
+                                          num_classes=classes)
     if "linear" in protocols and layers:
         names = None if tuple(layers) == ("all",) else list(layers)
         try:
@@ -83,7 +85,7 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
             raise ConfigError(str(err)) from err
         out["layer_dims"] = {name: f.shape[1] for name, f in train_layers.items()}
         for name, f in train_layers.items():
-            out[f"linear_top1_{name}"] = linear_probe(f, ytr, test_layers[name], yte)
+            out[f"linear_top1_{name}"] = linear_probe(f, ytr, test_layers[name], yte, num_classes=classes)
     if "cluster" in protocols and cluster_on == "train+test":
         out.update(cluster_metrics(torch.cat((feats(train, feature), test_feats)), torch.cat((ytr, yte))))
     elif "cluster" in protocols:

@@ -13,9 +13,13 @@ from .npid import NPID
 
 
 @torch.no_grad()
-def bank_entropy_and_nearest(bank: torch.Tensor, tau: float, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy of each row's softmax over all other bank rows (self excluded), and its nearest other row."""
+def bank_entropy_and_nearest(bank: torch.Tensor, tau: float,
+                             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy of each row's softmax over all other bank rows (self excluded), and its nearest other row.
+    A chunk of rows at a time; by default as many as keep each of the pass's (chunk, N) float32 matrices
+    (logits, softmax, their product) near 256 MiB, at most 2048: ImageNet's bank would need 10 GiB each."""
     n = bank.shape[0]
+    chunk = chunk or max(1, min(2048, 2**26 // max(1, n)))
     ent = torch.empty(n, device=bank.device)
     nearest = torch.empty(n, dtype=torch.long, device=bank.device)
     for start in range(0, n, chunk):

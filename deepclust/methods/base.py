@@ -9,9 +9,10 @@ labels, vote history) lives in registered buffers, so ``state_dict`` checkpoints
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,6 +24,7 @@ class Batch:
     views: list[torch.Tensor]  # augmented views, each (B, 3, S, S) normalised float
     index: torch.Tensor  # (B,) sample ids on the training device
     clean: torch.Tensor | None = None  # the un-augmented images (test transform), for methods that ask
+    view_rows: list[torch.Tensor | None] = field(default_factory=list)  # per view: the rows it holds (None: all)
 
 
 @dataclass
@@ -93,9 +95,11 @@ class Method(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss(batch)  # the call DistributedDataParallel wraps
 
-    def view_rows(self, view: int, index: torch.Tensor) -> torch.Tensor | None:
-        """The rows of the batch that augmented view ``view`` is needed for (None: all of them). The trainer
-        augments only those rows, and ``batch.views[view]`` holds them in this order."""
+    def view_rows(self, view: int, index: torch.Tensor, host_index: np.ndarray | None = None) -> torch.Tensor | None:
+        """The rows of the batch that augmented view ``view`` is needed for (None: all of them), on the device.
+        The trainer augments only those rows; ``batch.views[view]`` holds them in this order and
+        ``batch.view_rows[view]`` says which they are. ``host_index`` is ``index`` on the host, so that a method
+        can choose rows (and so the view's size) without reading the device."""
         return None
 
     def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributed import gather_rows_at
+from ..distributed import gather_batch_rows_at
 from ..losses import invariant_spreading_loss
 from .base import Batch, Method
 
@@ -24,5 +24,5 @@ class InvariantSpreading(Method):
     def loss(self, batch: Batch):
         z = self.backbone(torch.cat(batch.views))  # one forward: BN sees both views together
         z1, z2 = z.chunk(2)
-        (all1, offset), (all2, _) = gather_rows_at(z1), gather_rows_at(z2)  # the global batch under torchrun
+        (all1, offset), (all2, _) = gather_batch_rows_at(z1), gather_batch_rows_at(z2)  # the global batch
         return invariant_spreading_loss(z1, z2, self.config.tau, all1, all2, offset), {}

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..cluster import class_weights, cluster_count, dissolve_small_clusters, kmeans, nearest_centroid, size_stats
-from ..distributed import gather_rows
+from ..distributed import gather_batch_rows
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
+from ..runtime import allow_sync
 from .base import Batch, EpochContext, Method
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ class ODC(Method):
     ``centroid_interval`` steps the touched centroids are recomputed and small clusters re-split."""
 
     name = "odc"
-    epoch_attributes = ("batch_changes",)
+    # host_step mirrors the ``step`` buffer on the host: the step loop decides when to refresh without reading
+    # the device; change_sum and change_steps accumulate the per-step label change on the device.
+    epoch_attributes = ("host_step", "change_sum", "change_steps")
     eval_feature = "pooled"
 
     @dataclass
@@ -67,7 +70,9 @@ class ODC(Method):
         self.register_buffer("touched", torch.zeros(c.k, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch_start_labels", torch.full((num_samples,), -1, dtype=torch.long))
-        self.batch_changes: list[float] = []
+        self.host_step = 0
+        self.change_sum: torch.Tensor | float = 0.0
+        self.change_steps = 0
 
     @property
     def initialised(self) -> bool:
@@ -91,7 +96,8 @@ class ODC(Method):
         if not self.initialised:
             self.initialise(ctx)
         self.epoch_start_labels.copy_(self.labels)
-        self.batch_changes = []
+        self.host_step = int(self.step)  # once an epoch: the buffer is what a checkpoint restored
+        self.change_sum, self.change_steps = torch.zeros((), device=self.labels.device), 0
         return None
 
     def loss(self, batch: Batch):
@@ -109,7 +115,7 @@ class ODC(Method):
         w = self.weights[target]
         # Weighted mean over the global batch, sum w_i l_i / sum w_i: under torchrun the trainer averages
         # per-sample means, so each rank divides by its count times the global batch's mean weight.
-        mean_w = gather_rows(w).mean()
+        mean_w = gather_batch_rows(w).mean()
         loss = (w * F.cross_entropy(logits, target, reduction="none")).sum() / (w.numel() * mean_w)
         return loss, {"neck": z_update}
 
@@ -122,16 +128,19 @@ class ODC(Method):
         self.touched[old] = True
         self.touched[new] = True
         self.labels[index] = new
-        self.batch_changes.append(float((old != new).float().mean()))
+        self.change_sum = self.change_sum + (old != new).float().mean()
+        self.change_steps += 1
         self.step += 1
-        if int(self.step) % self.config.centroid_interval == 0:
-            self.refresh()
+        self.host_step += 1
+        if self.host_step % self.config.centroid_interval == 0:
+            with allow_sync():  # which clusters are small is read on the host: one sync every interval
+                self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Every ``centroid_interval`` steps: touched centroids, small clusters, loss weights."""
         self.update_centroids()
-        self.deal_with_small_clusters(int(self.step))
+        self.deal_with_small_clusters(self.host_step)
         self.weights.copy_(class_weights(self.labels, self.config.k))
 
     @torch.no_grad()
@@ -139,8 +148,8 @@ class ODC(Method):
         """Recompute the touched centroids (or ``which``) as the mean memory feature of their members."""
         which = self.touched if which is None else which
         sums, counts = self.memory.class_sums(self.labels, self.config.k)
-        update = which & (counts > 0)
-        self.centroids[update] = sums[update] / counts[update].unsqueeze(1).float()
+        update = (which & (counts > 0)).unsqueeze(1)  # where, not a boolean index: no size read on the host
+        self.centroids.copy_(torch.where(update, sums / counts.clamp(min=1).unsqueeze(1).float(), self.centroids))
         self.touched.zero_()
 
     @torch.no_grad()
@@ -152,7 +161,7 @@ class ODC(Method):
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         self.refresh()  # close the epoch as an interval boundary does: no epoch ends with a small cluster
         stats = {"label_change": float((self.labels != self.epoch_start_labels).float().mean()),
-                 "batch_label_change": sum(self.batch_changes) / max(1, len(self.batch_changes)),
+                 "batch_label_change": float(self.change_sum) / max(1, self.change_steps),
                  **size_stats(self.labels, self.config.k)}
         if ctx.true_labels is not None:
             stats["nmi_labels"] = nmi(ctx.true_labels, self.labels)

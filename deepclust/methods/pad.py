@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..cluster import knn_graph, member_table, scs_stats, strongly_connected_subgraphs
 from ..distributed import world_size
 from ..losses import cosine_loss, gathered_group_loss, kl_loss
+from ..runtime import allow_sync, host_to_device
 from .base import Batch, EpochContext
 from .npid import NPID
 
@@ -60,10 +62,11 @@ class PAD(NPID):
         self.register_buffer("scs", torch.full((num_samples,), -1, dtype=torch.long))
         self.stats: dict[str, float] = {}
         self.members: torch.Tensor | None = None  # member_table(scs), made at the epoch's first step
+        self.isolated: np.ndarray | None = None  # on the host: whether each sample has no fellow member (ditto)
 
     def before_epoch(self, ctx: EpochContext) -> None:
         super().before_epoch(ctx)
-        self.members = None  # from the SCSs as they stand at the first step (under torchrun: rank 0's)
+        self.members = self.isolated = None  # from the SCSs as they stand at the first step (torchrun: rank 0's)
         t0 = time.perf_counter()
         self.neighbours.copy_(knn_graph(self.bank.features, self.config.k)[1])
         t1 = time.perf_counter()
@@ -85,17 +88,25 @@ class PAD(NPID):
         if not self.config.diffusion:
             return self.neighbours[index]
         if self.members is None:
-            self.members = member_table(self.scs)
+            with allow_sync():  # once an epoch: the table's width is the largest SCS's size
+                self.members = member_table(self.scs)
         group = self.scs[index]
         fellows = self.members[group.clamp(min=0)]
         return fellows.masked_fill((group < 0)[:, None] | (fellows == index[:, None]), -1)
 
-    def view_rows(self, view: int, index: torch.Tensor) -> torch.Tensor | None:
+    def view_rows(self, view: int, index: torch.Tensor, host_index: np.ndarray | None = None) -> torch.Tensor | None:
         if view == 0:
             return None
         if self.config.hpe == "false":
             return index[:0]
-        return torch.nonzero((self.fellows(index) < 0).all(1)).flatten()  # the isolated samples
+        if host_index is None:  # a direct call: ask the device
+            return torch.nonzero((self.fellows(index) < 0).all(1)).flatten()
+        if self.isolated is None:
+            with allow_sync():  # once an epoch
+                everyone = torch.arange(self.num_samples, device=index.device)
+                self.isolated = (self.fellows(everyone) < 0).all(1).cpu().numpy()
+        rows = np.flatnonzero(self.isolated[host_index])  # the isolated samples, chosen on the host
+        return host_to_device(torch.from_numpy(rows), index.device)
 
     def loss(self, batch: Batch):
         z = self.backbone(batch.views[0])
@@ -112,7 +123,8 @@ class PAD(NPID):
         similarity = logits.detach().gather(1, fellows.clamp(min=0)).masked_fill(~found, float("inf"))
         hard = fellows.gather(1, similarity.argmin(1, keepdim=True)).squeeze(1)  # least similar fellow member
         target = self.bank.rows(hard.clamp(min=0))
-        isolated = torch.nonzero(~found.any(1)).flatten()  # the rows of batch.views[1], in order
+        rows = batch.view_rows[1] if len(batch.view_rows) > 1 else None  # the rows of batch.views[1], in order
+        isolated = torch.nonzero(~found.any(1)).flatten() if rows is None else rows
         # Only their second view is augmented and forwarded: the cost shrinks as the SCS share grows. Under
         # torchrun every rank joins the forward (its BatchNorm is a collective), even with no isolated sample.
         if isolated.numel() or world_size() > 1:

@@ -35,7 +35,7 @@ from ..cluster.purify import (
     squared_distances,
     vote_scores,
 )
-from ..distributed import gather_rows_at
+from ..distributed import gather_batch_rows_at
 from ..losses import group_loss, invariant_spreading_loss, label_positives
 from .base import Batch, EpochContext
 from .npid import NPID
@@ -123,7 +123,7 @@ class PCP(NPID):
             return super().loss(batch)
         z1, z2 = self.backbone(torch.cat(batch.views[:2])).chunk(2)  # one forward: BN sees both views, as IS
         pcp = group_loss(self.bank.logits(z1, self.config.tau), self.positives(batch.index))
-        (all1, offset), (all2, _) = gather_rows_at(z1), gather_rows_at(z2)  # the global batch under torchrun
+        (all1, offset), (all2, _) = gather_batch_rows_at(z1), gather_batch_rows_at(z2)  # the global batch
         spread = invariant_spreading_loss(z1, z2, self.config.tau, all1, all2, offset)
         return self.t * pcp + (1 - self.t) * spread, {"embedding": z1}
 

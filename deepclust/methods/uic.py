@@ -88,8 +88,9 @@ class UIC(Method):
 
     @torch.no_grad()
     def after_step(self, batch: Batch, outputs) -> None:
-        if not bool(self.fixed):
-            self.next_targets[batch.index] = outputs["logits"].argmax(1)
+        # where, not ``if bool(self.fixed)``: reading the flag would wait for the device every step
+        kept = self.next_targets[batch.index]
+        self.next_targets[batch.index] = torch.where(self.fixed, kept, outputs["logits"].argmax(1))
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
