@@ -92,7 +92,10 @@ def build_layers(profile: str, method: str, args: argparse.Namespace) -> tuple[l
     unknown = sorted(k for k in extra if k not in valid)
     if unknown:  # a --set key this method lacks applies to the methods that have it
         dropped += [f"{k} (--set)" for k in unknown]
-    cli.update({k: v for k, v in extra.items() if k in valid})
+    # "{seed}" in a --set value is this run's seed: e.g. init=runs/base/is/seed{seed}/checkpoint.pt starts each
+    # seed from the network of the same seed (the finetune profile)
+    cli.update({k: v.replace("{seed}", str(args.seed)) if isinstance(v, str) and args.seed is not None else v
+                for k, v in extra.items() if k in valid})
     return [base, applied, cli], applied, dropped
 
 
@@ -175,7 +178,7 @@ def run_one(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats()
         result["stage"] = "train"
         t0 = time.perf_counter()
-        train(cfg, hparams)
+        train(cfg, hparams, overwrite=True)  # a rerun recomputes the unit; an old run there is moved aside, kept
         result["train_wall_s"] = time.perf_counter() - t0
         result["peak_rss_train_mb"] = peak_rss_mb()
         if cuda:

@@ -7,8 +7,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def fit(method: str = "npid", resume: bool = False, **keys: Any) -> dict[str, Any]:
+def fit(method: str = "npid", resume: bool = False, overwrite: bool = False, **keys: Any) -> dict[str, Any]:
     """Train ``method`` with any config keys (as on the command line); returns the last metrics row.
+    ``resume`` / ``overwrite``: as ``deepclust train --resume`` / ``--overwrite`` for an ``out`` that holds a run.
 
     >>> fit("deepcluster", data="digits", backbone="convnet", epochs=2, k=50, out="runs/api")  # doctest: +SKIP
     """
@@ -16,7 +17,7 @@ def fit(method: str = "npid", resume: bool = False, **keys: Any) -> dict[str, An
     from .train import train
 
     cfg, hparams = resolve([{"method": method, **keys}])
-    return train(cfg, hparams, resume=resume)
+    return train(cfg, hparams, resume=resume, overwrite=overwrite)
 
 
 def load_backbone(path: str):

@@ -209,12 +209,22 @@ def color_jitter_rows(x: torch.Tensor, p: AugmentDraw) -> torch.Tensor:
 
 
 def color_jitter_masked(x: torch.Tensor, p: AugmentDraw) -> torch.Tensor:
-    """``color_jitter_rows`` without reading anything on the host: every op runs on the whole batch at each
-    step and ``where`` keeps it for the rows that take it (4x the jitter's arithmetic, no device sync)."""
+    """``color_jitter_rows`` without reading anything on the host: at each step the whole batch goes through one
+    blend and one hue shift, and each row keeps what its op at that step gives (no device sync; about 280 small
+    kernels a view, where 16 separate masked ops made 505).
+
+    Brightness, contrast and saturation are all ``blend(x, other, f)`` with other = 0, the mean grey level and
+    the grey image: one blend with a per-row ``other`` and factor does the three, and a row whose op at this
+    step is the hue shift (or that takes no jitter) blends with factor 1, which leaves it exactly as it was."""
     for step in range(4):
-        for op in range(4):
-            take = (p.jitter & (p.order[:, step] == op)).view(-1, 1, 1, 1)
-            x = torch.where(take, COLOR_OPS[op](x, p.factors[:, op]), x)
+        op = torch.where(p.jitter, p.order[:, step], -1)  # -1: no jitter for this row
+        factor = p.factors.gather(1, op.clamp(min=0).unsqueeze(1)).squeeze(1)
+        factor = torch.where((op >= 0) & (op < 3), factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
+        g = gray(x)
+        other = torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True), g)
+        other = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(other), other)
+        x = blend(x, other, factor)
+        x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, p.factors[:, 3]), x)
     return x
 
 

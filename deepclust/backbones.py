@@ -68,6 +68,12 @@ def resnet18_cifar(in_ch: int, image_size: int, width: int = 0) -> tuple[nn.Modu
     return resnet(18, in_ch, image_size, cifar_stem=True)
 
 
+def resnet18(in_ch: int, image_size: int, width: int = 0) -> tuple[nn.Module, int]:
+    """torchvision's resnet18: its ImageNet 7x7 stem + max-pool from 64 px, the CIFAR stem below (as resnet50),
+    so ImageNet-trained resnet18 files load (``--init``, ``--checkpoint``) at image sizes >= 64."""
+    return resnet(18, in_ch, image_size, cifar_stem=image_size < 64)
+
+
 def resnet50(in_ch: int, image_size: int, width: int = 0) -> tuple[nn.Module, int]:
     return resnet(50, in_ch, image_size, cifar_stem=image_size < 64)
 
@@ -81,6 +87,7 @@ def vgg16_bn(in_ch: int, image_size: int, width: int = 0) -> tuple[nn.Module, in
 
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet18_cifar": resnet18_cifar,
+    "resnet18": resnet18,
     "resnet50": resnet50,
     "vgg16_bn": vgg16_bn,
     "alexnet_bn": alexnet_bn,

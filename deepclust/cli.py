@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
+from .backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
+from .checkpoint import CheckpointError
 from .cluster import ClusteringError
 from .commands import cluster as cluster_command
 from .commands import compare as compare_command
@@ -22,6 +23,7 @@ from .commands import report as report_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
 from .eval import PROTOCOLS, evaluate_backbone, extract_features
+from .eval.knn import usable_k
 from .eval.lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS
 from .eval.protocols import PROBES
 from .safety import RunError, RunInterrupted
@@ -87,18 +89,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.probe != "fast" and args.protocol not in ("linear", "all"):
         raise ConfigError(f"--probe {args.probe} trains the linear protocol's probe; use --protocol linear or all, "
                           f"not {args.protocol}")
-    payload = load_checkpoint(args.checkpoint)
+    if args.k < 1 or not args.tau > 0:
+        raise ConfigError(f"--k must be at least 1 and --tau above 0, got {args.k} and {args.tau}")
+    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
     device = torch.device(args.device)
-    model = backbone_from_checkpoint(payload).to(device)
-    train, test = load_train_test(args.data, args.test_data, payload["backbone"]["image_size"], args.bad_images)
+    model = opened.model.to(device)
+    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images)
     if test is None:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
-    feature = args.feature or payload["eval_feature"]
-    result = {"checkpoint": str(args.checkpoint), "method": payload["method"], "protocol": args.protocol,
+    feature = opened.eval_feature
+    result = {"checkpoint": str(args.checkpoint), "method": opened.method, "protocol": args.protocol,
               "data": args.data, "test_data": test.name,
               "feature": "pooled" if args.protocol == "linear" else feature}
-    if args.protocol in ("knn", "all"):
-        result["k"] = args.k
+    if opened.payload is None:  # a plain backbone file: say which network was evaluated
+        result.update(backbone=model.name, backbone_file=opened.file.description, image_size=opened.image_size)
+    if args.protocol in ("knn", "all"):  # the k used: at most what the training set allows (logged when capped)
+        result["k"] = usable_k(args.k, train.labels) if train.labels is not None else args.k
     if args.protocol in ("linear", "all"):
         result["probe"] = args.probe
         if args.probe == "sgd":
@@ -126,10 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    payload = load_checkpoint(args.checkpoint)
-    model = backbone_from_checkpoint(payload).to(args.device)
-    data = load_data(args.data, args.split, payload["backbone"]["image_size"], args.bad_images)
-    feature = args.feature or payload["eval_feature"]
+    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
+    model = opened.model.to(args.device)
+    data = load_data(args.data, args.split, opened.image_size, args.bad_images)
+    feature = opened.eval_feature
     feats = extract_features(model, data.images, feature, device=torch.device(args.device))
     arrays = {"features": feats.cpu().numpy().astype(np.float32), "indices": np.arange(len(data), dtype=np.int64)}
     if data.labels is not None:
@@ -177,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes on this machine (starts torchrun --standalone; one per GPU, or "
                         "a few on CPU); for several machines call torchrun yourself (README)")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True)
+    e = sub.add_parser("eval", help="evaluate a checkpoint or any backbone file")
+    e.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP)
+    add_backbone_file_flags(e)
     e.add_argument("--data", required=True)
     e.add_argument("--test-data")
     e.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="knn",
@@ -208,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
 
     m = sub.add_parser("embed", help="write features of a dataset to an .npz")
-    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP)
+    add_backbone_file_flags(m)
     m.add_argument("--data", required=True)
     m.add_argument("--split", default="train")
     m.add_argument("--out", required=True)

@@ -56,6 +56,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; default: the cores other jobs leave free (logged)
     amp: bool = True  # bf16 autocast where it is native: CUDA, or a CPU with AVX512-BF16 / AMX
     channels_last: bool = True  # NHWC convolutions (faster on GPU, and 1.3-2x on CPU here)
+    compile: bool = False  # torch.compile the loss's forward (a GPU's step; the first epoch holds the compilation)
     progress: bool = True
     logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
     init: str | None = None  # start the backbone from this checkpoint

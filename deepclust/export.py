@@ -21,7 +21,8 @@ from .config import ConfigError
 
 EXPORT_FORMAT = "deepclust-backbone/1"
 FORMATS = ("safetensors", "torchvision", "timm")
-TORCHVISION_NAMES = {"resnet50": "resnet50", "resnet18_cifar": "resnet18", "vgg16_bn": "vgg16_bn"}
+TORCHVISION_NAMES = {"resnet50": "resnet50", "resnet18": "resnet18", "resnet18_cifar": "resnet18",
+                     "vgg16_bn": "vgg16_bn"}
 FILE_KIND = {"safetensors": "safetensors", "torchvision": "torch pickle", "timm": "safetensors"}  # what is written
 SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "torchvision"}
 

@@ -26,9 +26,11 @@ CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "config.yaml"
 # Keys that say where a run computes, how fast, and how often it logs, checkpoints or stops, not what it
 # computes: a resumed run may change them (another machine, fewer threads, a later stop). epochs and rounds
 # are not among them: the lr schedule (lr_decay_at is a fraction of the epochs) and the round and epoch of
-# every global epoch follow from them, so a resume with other values would equal no uninterrupted run.
+# every global epoch follow from them, so a resume with other values would equal no uninterrupted run. Nor
+# is amp: bf16 instead of float32 changes the numbers themselves, not only their last bits as kernels do.
 RUN_KEYS = frozenset({"out", "device", "threads", "num_workers", "progress", "logger", "eval_every", "stop_after",
-                      "checkpoint_every", "nan_policy", "init"})  # init: only a fresh start reads it
+                      "checkpoint_every", "nan_policy", "compile", "channels_last", "deterministic",
+                      "init"})  # init: only a fresh start reads it
 # None means "derive it from N" for these; the method writes the derived value into the config it records.
 DERIVED_COUNTS = ("k", "min_clusters")
 
@@ -72,7 +74,7 @@ def describe_run(out: Path) -> str:
         try:  # mmap: a many-GB checkpoint is not read just to be described
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             config, done = {**payload.get("config", {}), "method": payload["method"]}, payload["next_epoch"]
-        except Exception:  # noqa: BLE001 - any unreadable file: say so, the refusal itself stands
+        except Exception:  # any unreadable file: say so; the refusal itself stands
             config = {"method": "an unreadable checkpoint.pt"}
     if not config and (out / CONFIG).is_file():
         import yaml
@@ -135,7 +137,7 @@ def derived_count(key: str, num_samples: int) -> int | None:
     quiet.setLevel(logging.WARNING)
     try:
         return cluster_count(None, num_samples, key)
-    except Exception:  # noqa: BLE001 - no derived value: the comparison then names the key
+    except Exception:  # no derived value (too few samples): the comparison then names the key
         return None
     finally:
         quiet.setLevel(level)

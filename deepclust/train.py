@@ -33,7 +33,6 @@ from .backbones import Backbone
 from .board import TensorBoardLog, open_board
 from .checkpoint import (
     CheckpointError,
-    backbone_from_checkpoint,
     check_compatible,
     load_checkpoint,
     save_checkpoint,
@@ -140,9 +139,9 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         check_same_config(payload, as_dict(cfg, hparams), ckpt_path)  # before any data is read
     threads = choose_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     device = distributed.initialise(resolve_device(cfg.device))
+    if cfg.deterministic:  # CUDA's average-pool backward has no deterministic kernel: warned about, not refused
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     configure_device(device, cfg.deterministic)
     world = distributed.world_size()
     if cfg.batch_size < 2 * world:
@@ -158,11 +157,10 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
                               f"{len(data)}; resume with the same data")
     method_cls = METHODS[cfg.method]
     backbone = Backbone(cfg.backbone, data.image_size, cfg.embed_dim, cfg.sobel, cfg.width)
-    if cfg.init and payload is None:
-        init = load_checkpoint(cfg.init)
-        check_compatible(init, backbone=backbone_spec(cfg), path=cfg.init)
-        backbone.load_state_dict(backbone_from_checkpoint(init).state_dict())
-        log.info("backbone initialised from %s (method %s)", cfg.init, init["method"])
+    if cfg.init and payload is None:  # any backbone file: a checkpoint, an export, a torchvision / timm state_dict
+        from .backbone_files import init_backbone
+
+        init_backbone(backbone, cfg.init, backbone_spec(cfg), data.image_size)
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
     images_fit = True
     if device.type == "cuda":  # before anything is copied there
@@ -180,6 +178,8 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync(),
             find_unused_parameters=True)  # e.g. the embedding head of methods that train on pooled features
+    if cfg.compile:  # the forward through the loss; augmentation, after_step and targets stay eager
+        model = torch.compile(model or method)
     run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model, images_fit=images_fit)
     if payload is not None:
         method.load_state_dict(payload["state"])

@@ -7,7 +7,8 @@ import torch
 
 from deepclust.backbones import BACKBONES, Backbone, Sobel
 
-FEAT_DIMS = {"resnet18_cifar": 512, "resnet50": 2048, "vgg16_bn": 512, "alexnet_bn": 256, "convnet": 64}
+FEAT_DIMS = {"resnet18_cifar": 512, "resnet18": 512, "resnet50": 2048, "vgg16_bn": 512, "alexnet_bn": 256,
+             "convnet": 64}
 
 
 def test_registry_is_complete():
@@ -70,10 +71,12 @@ def test_sobel_is_not_a_trained_or_saved_parameter():
     assert not any(key.startswith("sobel") for key in model.state_dict())
 
 
-def test_large_images_use_the_imagenet_stem():
-    model = Backbone("resnet50", image_size=64)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_large_images_use_the_imagenet_stem(name):
+    model = Backbone(name, image_size=64)
     assert model.trunk.conv1.kernel_size == (7, 7)
-    small = Backbone("resnet50", image_size=32)
+    assert isinstance(model.trunk.maxpool, torch.nn.MaxPool2d)
+    small = Backbone(name, image_size=32)
     assert small.trunk.conv1.kernel_size == (3, 3)
     assert isinstance(small.trunk.maxpool, torch.nn.Identity)
 

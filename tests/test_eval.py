@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_npz
 
 from deepclust.augment import test_transform as plain_transform
 from deepclust.backbones import Backbone
+from deepclust.cli import main
 from deepclust.eval import (
     cluster_metrics,
     extract_features,
@@ -160,3 +163,12 @@ def test_knn_k_beyond_what_the_data_allows_is_capped_and_said_once(sklearn_knn, 
     test = F.normalize(torch.randn(6, 4, generator=gen(9)), dim=1)
     torch.testing.assert_close(knn_predict(test, train, labels, 2, k=200), knn_predict(test, train, labels, 2, k=4))
     assert knn_module.usable_k(200, labels) == 4 and knn_module.usable_k(3, labels) == 3
+
+
+def test_eval_reports_the_k_it_used(trained_checkpoint, tmp_path, capsys):
+    data = tiny_npz(tmp_path)  # 96 images, 4 classes of 24: k = 200 is capped at 95
+    assert main(["eval", "--checkpoint", str(trained_checkpoint), "--data", data, "--test-data", data, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["k"] == 95 and 0 <= result["knn_top1"] <= 100
+    assert main(["eval", "--checkpoint", str(trained_checkpoint), "--data", data, "--k", "0"]) == 2
+    assert "--k must be at least 1" in capsys.readouterr().err

@@ -148,10 +148,10 @@ def test_resume_without_a_checkpoint_trains_and_equals_a_run_without_resume(tmp_
 
 def test_sigkill_in_epoch_0_then_the_same_command_with_resume_equals_an_uninterrupted_run(
         tmp_path, capsys, keep_determinism_setting):
-    # 1024 images of 32 px: epoch 0 takes a few tenths of a second, a 2 ms poll kills inside it
+    # 1024 images of 32 px in 64 batches: epoch 0 takes about half a second, a 2 ms poll kills inside it
     data = str(Path(tiny_npz(tmp_path, n=1024, size=32)).rename(tmp_path / "data.npz"))
     killed, full = tmp_path / "killed", tmp_path / "full"
-    argv = train_argv(data, killed, epochs=2)
+    argv = train_argv(data, killed, "batch_size=16", epochs=2)
     proc = subprocess.Popen([sys.executable, "-m", "deepclust", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -170,7 +170,7 @@ def test_sigkill_in_epoch_0_then_the_same_command_with_resume_equals_an_uninterr
     assert [r.get("untrained") for r in all_rows(killed)] == [True] and (killed / LOCK_NAME).exists()
     # the requeued job: the same command plus --resume (it starts again from the beginning)
     assert main([*argv, "--resume"]) == 0
-    assert main(train_argv(data, full, epochs=2)) == 0  # the uninterrupted run
+    assert main(train_argv(data, full, "batch_size=16", epochs=2)) == 0  # the uninterrupted run
     capsys.readouterr()
     assert [r["global_epoch"] for r in all_rows(killed)] == [-1, 0, 1]
     assert_same_run(full, killed)

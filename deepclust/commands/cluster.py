@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
+from ..backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
+from ..checkpoint import CheckpointError, backbone_from_checkpoint
 from ..cluster import ClusterGeometry, check_cluster_count, cluster_geometry, kmeans
+from ..config import ConfigError
 from ..data import ImageData, load_data
 from ..eval import assignment_metrics, extract_features
 from ..methods import METHODS, Method
@@ -33,11 +35,13 @@ def method_clusters(payload: dict[str, Any]) -> torch.Tensor | None:
     return None if found is None else found.detach().cpu().clone()
 
 
-def load_cluster_data(payload: dict[str, Any], spec: str | None, bad_images: str) -> tuple[ImageData, bool]:
-    """``spec`` (default: the run's training data, with its subset) and whether it is the training data."""
+def load_cluster_data(payload: dict[str, Any], spec: str | None, bad_images: str,
+                      image_size: int | None = None) -> tuple[ImageData, bool]:
+    """``spec`` (default: the run's training data, with its subset) and whether it is the training data, at
+    ``image_size`` (default: the checkpoint's)."""
     cfg = payload["config"]
     training = spec is None or spec == cfg["data"]
-    size = payload["backbone"]["image_size"]
+    size = image_size or payload["backbone"]["image_size"]
     if not training:
         return load_data(spec, "train", size, bad_images), False
     data = load_data(cfg["data"], "train", size, cfg.get("bad_images", bad_images), cfg.get("subset"),
@@ -72,11 +76,18 @@ def write_csv(path: Path, data: ImageData, assignments: torch.Tensor, geometry: 
 
 
 def run(args: argparse.Namespace) -> int:
-    payload = load_checkpoint(args.checkpoint)
-    data, training = load_cluster_data(payload, args.data, args.bad_images)
-    feature = args.feature or payload["eval_feature"]
+    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
+    payload = opened.payload
+    if payload is None:  # a plain backbone file: no run, so no training data and no clusters of its own
+        if args.data is None or args.k is None:
+            raise ConfigError(f"{args.checkpoint} is {opened.file.description}, not a training checkpoint: pass "
+                              "--data DIR and --k K to cluster DIR's images with k-means on its features")
+        data, training = load_data(args.data, "train", opened.image_size, args.bad_images), False
+    else:
+        data, training = load_cluster_data(payload, args.data, args.bad_images, args.image_size)
+    feature = opened.eval_feature
     device = torch.device(args.device)
-    model = backbone_from_checkpoint(payload).to(device)
+    model = opened.model.to(device)
     feats = extract_features(model, data.images, feature, device=device).cpu()
     if args.k is not None:
         check_cluster_count(args.k, len(data), "cluster --k")
@@ -109,7 +120,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Without --k: the method's own clusters of its training images (DeepCluster, "
                        "ODC, UIC). With --k: k-means on the checkpoint's features of any --data. Confidence is "
                        "(b - a) / max(a, b), a the distance to the own centre, b to the nearest other one.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP + "; a plain file needs --data and --k")
+    add_backbone_file_flags(p)
     p.add_argument("--data", help="default: the run's training data")
     p.add_argument("--out", required=True, help="the CSV file to write")
     p.add_argument("--k", type=int, help="k-means with this many clusters instead of the method's clusters")

@@ -1,0 +1,240 @@
+"""The first run on a GPU machine, prepared to fit one short session: tests, then every method's paper recipe.
+
+    python -m benchmarks.gpu_check pack [--root ../shared/datasets/cifar10] [--out .cache/gpu-check/cifar10.npz]
+    benchmarks/gpu_check.sh [--device cuda|cpu] [--smoke] [--data .cache/gpu-check/cifar10.npz] --out DIR
+
+``pack`` (here, where ../shared exists) stores CIFAR-10's 60,000 JPEG files as they are, byte for byte, in one
+.npz of about 53 MiB in an ignored folder, so that the GPU machine needs nothing outside the repository (its
+carry limit is 64 MiB). ``run`` then, in about 6 minutes on one H200:
+
+1. decodes them (the same PIL decode as ``deepclust train --data DIR``) into a plain .npz in DIR;
+2. runs the device-parametrised tests on the device (``tests/test_device.py``, with DEEPCLUST_SYNC_DEBUG=error:
+   any host-device sync in a training step fails them);
+3. trains every method on the paper recipe (ResNet-18-CIFAR, the 50,000 training images, batch 128, the shared
+   protocol's optimiser) for 2 epochs (AND: one NPID round and one anchor round of an epoch each), NPID and PCP
+   for 3 with the kNN (k = 200, the 10,000 test images) after each; with DEEPCLUST_SYNC_DEBUG=warn the syncs the
+   step loop still makes are counted. Per method: images/s over its last epoch's steps, GPU peak memory, the
+   epoch-target time (k-means, kNN graph, SCS, feature passes) per epoch, the last loss and kNN;
+4. times NPID at batch 512 (lr scaled x4) and with ``compile=true`` (its first epoch holds the compilation),
+   to say what the recipe could reach.
+
+It writes DIR/gpu_check.json and DIR/gpu_check.md (a table BENCHMARKS.md can take as it is). ``--smoke`` runs
+the same steps on a few hundred images for 1 epoch (``--device cpu --smoke`` checks the script end to end on a
+CPU in a few minutes, before any GPU time is spent on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .profiles import PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PACK = REPO / ".cache" / "gpu-check" / "cifar10.npz"
+METHODS = ("supervised", "npid", "is", "and", "pcp", "pad", "deepcluster", "odc", "uic")
+KNN_EACH_EPOCH = ("npid", "pcp")
+
+
+def pack(root: Path, out: Path) -> None:
+    """CIFAR-10's JPEG files, byte for byte, with their labels: ``{split}_jpeg`` (all bytes), ``{split}_offsets``."""
+    from deepclust.data import list_image_folder
+
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        files, labels, classes = list_image_folder(root / split)
+        blobs = [f.read_bytes() for f in files]
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0, *map(len, blobs)]).astype(np.int64)
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+    arrays["classes"] = np.array(classes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
+
+
+def decode(packed: Path, out_dir: Path, limit: int | None) -> tuple[str, str]:
+    """The packed JPEGs decoded to RGB uint8 (PIL, as deepclust's folder loader) in train.npz and test.npz."""
+    from PIL import Image
+
+    paths = []
+    with np.load(packed, allow_pickle=False) as z:
+        for split in ("train", "test"):
+            jpeg, offsets, labels = z[f"{split}_jpeg"], z[f"{split}_offsets"], z[f"{split}_labels"]
+            n = len(labels) if limit is None else min(limit if split == "train" else limit // 2, len(labels))
+            pick = np.linspace(0, len(labels) - 1, n).astype(np.int64)  # every class, when limited
+            images = np.stack([np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes()))
+                                          .convert("RGB")) for i in pick])
+            path = out_dir / f"{split}.npz"
+            np.savez(path, images=images, labels=labels[pick])
+            paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "device": str(device), "date": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds")}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        info.update(name=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.
+                    get_device_capability(device))), memory_gib=round(total / 2**30, 1),
+                    free_gib=round(free / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        info.update(name=f"CPU, {os.cpu_count()} cores")
+    return info
+
+
+def run_tests() -> dict[str, Any]:
+    """The device-parametrised tests; on a GPU the cuda cases run with syncs in a training step as errors."""
+    env = {**os.environ, "DEEPCLUST_SYNC_DEBUG": "error", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests/test_device.py"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+    print("\n".join(tail))
+    return {"command": " ".join(cmd[2:]), "returncode": done.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "summary": tail[-1] if tail else ""}
+
+
+def recipe(method: str, data: tuple[str, str], out: Path, device: torch.device, smoke: bool,
+           **keys: Any) -> dict[str, Any]:
+    """The paper profile's keys for ``method``, at this script's length and on ``data``."""
+    layer = {k: v for k, v in PROFILES["paper"]["train"].items() if k not in ("data", "test_data")}
+    layer.update({k: v for k, v in PROFILES["paper"]["methods"].get(method, {}).items() if k != "rounds"})
+    epochs = 1 if smoke else (3 if method in KNN_EACH_EPOCH else 2)
+    layer.update(method=method, data=data[0], test_data=data[1], out=str(out), device=str(device), epochs=epochs,
+                 eval_every=1 if method in KNN_EACH_EPOCH else 0, progress=False)
+    if method == "and":  # round 0 is NPID, round 1 the first anchor round: one epoch each
+        layer.update(rounds=2, epochs=1)
+    if smoke:  # 512 images: the paper's k = 1000 would exceed them (k = None: N / 50)
+        layer["batch_size"] = 64
+        if "k" in layer:
+            layer["k"] = None
+    layer.update(keys)
+    return layer
+
+
+def train_one(layer: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Train one configuration; its step rate, peak memory, target time and syncs counted by torch."""
+    from deepclust.config import resolve
+    from deepclust.train import batch_bounds, read_metrics, train
+
+    cfg, hp = resolve([layer])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    os.environ["DEEPCLUST_SYNC_DEBUG"] = "warn"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, hp, overwrite=True)  # a rerun into the same --out keeps the old run beside, as DIR.1
+    wall = time.perf_counter() - t0
+    os.environ.pop("DEEPCLUST_SYNC_DEBUG")
+    rows = [r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if not r.get("untrained")]
+    untrained = next((r["knn_top1"] for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if r.get("untrained")),
+                     None)
+    last = rows[-1]
+    with np.load(cfg.data) as z:
+        steps = len(batch_bounds(len(z["labels"]), cfg.batch_size))
+    step_time = last["time"] - last["targets_time"]
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    return {"method": cfg.method, "batch": cfg.batch_size, "compile": cfg.compile, "epochs": len(rows),
+            "images_per_s": round(steps * cfg.batch_size / step_time, 1),
+            "epoch_s": round(last["time"], 2), "targets_s": [round(r["targets_time"], 2) for r in rows],
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+            "syncs": syncs, "loss": round(last["loss"], 4),
+            "knn": [r.get("knn_top1") for r in rows], "knn_untrained": untrained,
+            "first_epoch_s": round(rows[0]["time"], 2), "wall_s": round(wall, 1)}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("| method | batch | compile | images/s (last epoch) | epoch s | epoch targets s | peak GiB | syncs in the "
+            "step loop | last loss | kNN per epoch (untrained) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in results:
+        knn = ", ".join(f"{k:.2f}" for k in r["knn"] if k is not None) or "-"
+        untrained = "" if r["knn_untrained"] is None else f" ({r['knn_untrained']:.2f})"
+        lines.append(f"| {r['method']} | {r['batch']} | {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.0f} | "
+                     f"{r['epoch_s']:.1f} | {' / '.join(f'{t:.2f}' for t in r['targets_s'])} | "
+                     f"{'-' if r['peak_gib'] is None else r['peak_gib']} | {r['syncs']} | {r['loss']:.3f} | "
+                     f"{knn}{untrained} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"info": device_info(device), "smoke": args.smoke}
+    print(report["info"])
+    if not Path(args.data).is_file():
+        sys.exit(f"no packed data {args.data}: run `python -m benchmarks.gpu_check pack` where ../shared exists")
+    data = decode(Path(args.data), out, 512 if args.smoke else None)
+    report["decode_s"] = round(time.perf_counter() - t0, 1)
+    report["tests"] = run_tests()
+    report["results"] = results = []
+    report["failed"] = failed = []
+    jobs = [(method, recipe(method, data, out / "runs" / method, device, args.smoke)) for method in METHODS]
+    for name, keys in (("batch512", {"batch_size": 512, "lr": 0.12}), ("compiled", {"compile": True})):
+        if args.smoke and device.type == "cpu" and name == "compiled":
+            continue  # compiling on a CPU takes minutes: the GPU run times it
+        keys = {**keys, "batch_size": 128 if args.smoke else keys.get("batch_size", 128)}
+        jobs.append((f"npid-{name}", recipe("npid", data, out / "runs" / f"npid-{name}", device, args.smoke, **keys,
+                                            eval_every=0, epochs=1 if args.smoke else 2)))
+    for name, layer in jobs:
+        try:
+            results.append(train_one(layer, device))
+            print(results[-1], flush=True)
+        except Exception as err:  # one failure must not cost the rest of a short GPU session
+            failed.append({"job": name, "error": f"{type(err).__name__}: {err}"[:2000]})
+            print(f"FAILED {name}: {failed[-1]['error']}", flush=True)
+        write_report(report, args, time.perf_counter() - t0)  # after every job: a timeout keeps what ran
+    print((out / "gpu_check.md").read_text())
+
+
+def write_report(report: dict[str, Any], args: argparse.Namespace, elapsed: float) -> None:
+    out = Path(args.out)
+    report["total_s"] = round(elapsed, 1)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    info = report["info"]
+    md = (f"`benchmarks/gpu_check.sh --device {args.device}{' --smoke' if args.smoke else ''} --out {args.out}`, "
+          f"{info['date']}, {info['name']}, torch {info['torch']}: tests `{report['tests']['summary']}` "
+          f"({report['tests']['seconds']} s), decode {report['decode_s']} s, all {report['total_s']} s.\n\n"
+          + table(report["results"])
+          + "".join(f"\n**failed** {f['job']}: `{f['error'][:300]}`\n" for f in report["failed"]))
+    (out / "gpu_check.md").write_text(md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("pack", help="store CIFAR-10's JPEG files in one .npz (run where ../shared exists)")
+    k.add_argument("--root", default=str(REPO.parent / "shared" / "datasets" / "cifar10"))
+    k.add_argument("--out", default=str(DEFAULT_PACK))
+    r = sub.add_parser("run", help="tests and the paper recipe of every method on this device")
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch: checks the script")
+    r.add_argument("--data", default=str(DEFAULT_PACK))
+    r.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.command == "pack":
+        pack(Path(args.root), Path(args.out))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
