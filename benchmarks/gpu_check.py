@@ -129,7 +129,8 @@ def recipe(method: str, data: tuple[str, str], out: Path, device: torch.device, 
 def train_one(layer: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train one configuration; its step rate, peak memory, target time and syncs counted by torch."""
     from deepclust.config import resolve
-    from deepclust.train import batch_bounds, read_metrics, train
+    from deepclust.epoch import batch_bounds
+    from deepclust.train import read_metrics, train
 
     cfg, hp = resolve([layer])
     if device.type == "cuda":

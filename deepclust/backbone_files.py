@@ -93,6 +93,9 @@ def read_raw(path: Path) -> tuple[Any, dict[str, str]]:
             raise CheckpointError(f"{path} holds pickled Python objects (a whole model?), which deepclust never "
                                   "unpickles: where you trust the file, load it and save model.state_dict() with "
                                   "torch.save, and pass that file") from err
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":  # a torch (zip) file that does not read: damaged; say so as a checkpoint would
+                load_checkpoint(path)
         first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(f"cannot read {path}: neither a torch file of tensors nor safetensors, or damaged "
                               f"({type(err).__name__}: {first})") from err
@@ -257,6 +260,9 @@ def init_backbone(backbone: Backbone, path: str | Path, spec: dict[str, Any], im
     file = read_backbone_file(path)
     if file.payload is not None:
         check_compatible(file.payload, backbone=spec, path=path)
+    elif file.name == "convnet" == spec["name"] and file.width != spec["width"]:  # else a list of shapes
+        raise CheckpointError(f"{path} holds a convnet of width {file.width}, not {spec['width']}: set "
+                              f"width={file.width}")
     loaded = load_trunk(backbone, file, image_size)
     if file.head is not None:
         backbone.head.load_state_dict(file.head)

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--out")
     t.add_argument("--config", help="a YAML file of config keys")
-    t.add_argument("--init", help="start the backbone from this checkpoint")
+    t.add_argument("--init", help="start the backbone from this file: a deepclust checkpoint or export, or a "
+                   "torchvision / timm state_dict (README: Start from a backbone you have)")
     t.add_argument("--device")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out where it stopped (none yet: start it); safe to repeat")

@@ -59,7 +59,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss's forward (a GPU's step; the first epoch holds the compilation)
     progress: bool = True
     logger: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and the same scalars in OUT/tensorboard)
-    init: str | None = None  # start the backbone from this checkpoint
+    init: str | None = None  # start the backbone from this file (a checkpoint, an export, a torchvision / timm file)
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many epochs in all
     checkpoint_every: int | None = None  # also checkpoint every this many steps inside an epoch (hours-long epochs)
     nan_policy: str = "stop"  # a NaN/inf loss: stop (naming where; the last checkpoint is kept) | skip the step

@@ -32,11 +32,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from deepclust.augment import Augment
 from deepclust.backbones import Backbone
 from deepclust.data import ImageData
+from deepclust.epoch import make_batch, train_step
 from deepclust.eval import evaluate_backbone, extract_features
 from deepclust.eval.layers import layer_features
 from deepclust.methods import METHODS
 from deepclust.safety import LossGuard
-from deepclust.train import make_batch, train_step
 
 N, SIZE, BATCH = 64, 16, 32
 CUDA = torch.device("cuda", 0)
