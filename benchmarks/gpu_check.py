@@ -118,7 +118,7 @@ def recipe(method: str, data: tuple[str, str], out: Path, device: torch.device, 
                  eval_every=1 if method in KNN_EACH_EPOCH else 0, progress=False)
     if method == "and":  # round 0 is NPID, round 1 the first anchor round: one epoch each
         layer.update(rounds=2, epochs=1)
-    if smoke:  # 512 images: the paper's k = 1000 would exceed them (k = None: N / 50)
+    if smoke:  # 256 images: the paper's k = 1000 would exceed them (k = None: N / 50)
         layer["batch_size"] = 64
         if "k" in layer:
             layer["k"] = None
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
     print(report["info"])
     if not Path(args.data).is_file():
         sys.exit(f"no packed data {args.data}: run `python -m benchmarks.gpu_check pack` where ../shared exists")
-    data = decode(Path(args.data), out, 512 if args.smoke else None)
+    data = decode(Path(args.data), out, 256 if args.smoke else None)
     report["decode_s"] = round(time.perf_counter() - t0, 1)
     report["tests"] = run_tests()
     report["results"] = results = []

@@ -103,27 +103,6 @@ PROFILES: dict[str, dict] = {
         },
     },
     # METHODS.md's CIFAR-10 recipe (CIFAR ResNet-18, full 50k, 200 epochs a round), for a GPU.
-    # The ODC paper's Table 4 protocol at the medium scale: every method fine-tunes a trained network (pass
-    # --set init=runs/BASE/is/seed{seed}/checkpoint.pt) for 20 epochs on the medium data, the shared lr 0.03
-    # decayed x0.1 at 12 and 16; "is" on the same init is the control (more training, no clustering).
-    "finetune": {
-        "train": {
-            **PROTOCOL,
-            "data": CIFAR10_TRAIN,
-            "test_data": CIFAR10_TEST,
-            "backbone": "convnet",
-            "width": 32,
-            "subset": 10000,
-            "test_subset": 2000,
-            "epochs": 20,
-            "eval_every": 5,
-            "device": "cpu",
-        },
-        "methods": {
-            "and": {"rounds": 2, "epochs": 10},  # 10 epochs of NPID (its bank filled from the init), one anchor round
-            "pcp": {"vote_epochs": 4},
-        },
-    },
     "paper": {
         "train": {
             **PROTOCOL,
@@ -143,6 +122,17 @@ PROFILES: dict[str, dict] = {
             "odc": {"k": 1000, "min_cluster": 20},
             "uic": {"k": 1000},
         },
+    },
+}
+
+# The ODC paper's Table 4 protocol at the medium scale: every method fine-tunes a trained network (pass
+# --set init=runs/BASE/is/seed{seed}/checkpoint.pt) for 20 epochs on the medium data, the shared lr 0.03
+# decayed x0.1 at 12 and 16; "is" on the same init is the control (more training, no clustering).
+PROFILES["finetune"] = {
+    "train": {**PROFILES["medium"]["train"], "epochs": 20, "eval_every": 5},
+    "methods": {
+        "and": {"rounds": 2, "epochs": 10},  # 10 epochs of NPID (its bank filled from the init), one anchor round
+        "pcp": {"vote_epochs": 4},
     },
 }
 

@@ -7,6 +7,7 @@ on another device's generator are checked on the CPU with their inputs made by h
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from deepclust.eval.clustering import cluster_metrics
 from deepclust.losses import group_loss, invariant_spreading_loss, neighbour_positives
 from deepclust.memory import MemoryBank
 from deepclust.methods import METHODS
+from deepclust.runtime import configure_device
 from deepclust.train import host_copy, no_buffer_sync, restore_cuda_rng, train
 
 METHOD_KEYS = {"supervised": {}, "random": {}, "npid": {}, "is": {}, "and": {"rounds": 2, "epochs": 1},
@@ -195,6 +197,23 @@ def test_cuda_rng_of_a_checkpoint_restores_onto_this_processes_gpu(monkeypatch):
     restore_cuda_rng(states[0], torch.device("cpu"))  # a CPU run leaves the CUDA generator alone
     restore_cuda_rng(None, torch.device("cuda", 0))  # a checkpoint of a CPU run
     assert calls == [(1, torch.device("cuda", 1)), (1, torch.device("cuda", 5)), (0, torch.device("cuda", 0))]
+
+
+def test_cuda_settings_tf32_on_and_the_autotuner_off_when_deterministic(monkeypatch):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        configure_device(torch.device("cuda"), deterministic=False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        configure_device(torch.device("cuda"), deterministic=True)
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        torch.backends.cudnn.benchmark = True
+        configure_device(torch.device("cpu"), deterministic=True)  # a CPU run changes nothing
+        assert torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
 
 
 def test_ddp_is_told_not_to_sync_buffers_in_this_torchs_words():
