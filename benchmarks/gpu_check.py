@@ -151,13 +151,21 @@ def train_one(layer: dict[str, Any], device: torch.device) -> dict[str, Any]:
         steps = len(batch_bounds(len(z["labels"]), cfg.batch_size))
     step_time = last["time"] - last["targets_time"]
     syncs = sum("synchronizing" in str(w.message) for w in caught)
+    parts = {k: round(rows[-1][k], 2) for k in ("cluster_time", "graph_time", "scs_time") if k in rows[-1]}
     return {"method": cfg.method, "batch": cfg.batch_size, "compile": cfg.compile, "epochs": len(rows),
             "images_per_s": round(steps * cfg.batch_size / step_time, 1),
             "epoch_s": round(last["time"], 2), "targets_s": [round(r["targets_time"], 2) for r in rows],
+            "target_parts_last_s": parts,  # clustering (features, PCA, k-means), PAD's kNN graph and SCS
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
             "syncs": syncs, "loss": round(last["loss"], 4),
             "knn": [r.get("knn_top1") for r in rows], "knn_untrained": untrained,
             "first_epoch_s": round(rows[0]["time"], 2), "wall_s": round(wall, 1)}
+
+
+def parts(r: dict[str, Any]) -> str:
+    names = {"cluster_time": "clustering", "graph_time": "kNN graph", "scs_time": "SCS"}
+    found = r.get("target_parts_last_s") or {}
+    return f" (last: {', '.join(f'{names[k]} {v:.2f}' for k, v in found.items())})" if found else ""
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -168,7 +176,7 @@ def table(results: list[dict[str, Any]]) -> str:
         knn = ", ".join(f"{k:.2f}" for k in r["knn"] if k is not None) or "-"
         untrained = "" if r["knn_untrained"] is None else f" ({r['knn_untrained']:.2f})"
         lines.append(f"| {r['method']} | {r['batch']} | {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.0f} | "
-                     f"{r['epoch_s']:.1f} | {' / '.join(f'{t:.2f}' for t in r['targets_s'])} | "
+                     f"{r['epoch_s']:.1f} | {' / '.join(f'{t:.2f}' for t in r['targets_s'])}{parts(r)} | "
                      f"{'-' if r['peak_gib'] is None else r['peak_gib']} | {r['syncs']} | {r['loss']:.3f} | "
                      f"{knn}{untrained} |")
     return head + "\n".join(lines) + "\n"
