@@ -26,7 +26,7 @@ import torch
 from .backbones import Backbone
 from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, check_compatible, load_checkpoint
 from .config import ConfigError
-from .export import EXPORT_FORMAT
+from .export import EXPORT_FORMAT, torchvision_names, trunk_names
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,7 @@ def read_backbone_file(path: str | Path) -> BackboneFile:
         spec = payload["backbone"]
         state = {k[len("backbone.trunk."):]: v for k, v in payload["state"].items() if k.startswith("backbone.trunk.")}
         head = {k[len("backbone.head."):]: v for k, v in payload["state"].items() if k.startswith("backbone.head.")}
-        if spec["name"] == "vgg16_bn":
-            state = from_trunk_names(state)
+        state = torchvision_names(state, spec["name"])
         looks, _, stem, _ = identify(state)
         looks = looks if spec["name"].startswith(("resnet", "vgg")) else spec["name"]  # ConvNet, AlexNet: Sequential
         return BackboneFile(path, "checkpoint", state, looks,
@@ -184,17 +183,6 @@ def read_backbone_file(path: str | Path) -> BackboneFile:
                             meta.get("width"), method=meta.get("method"), dropped=dropped)
     looks, name, stem, sobel = identify(state)
     return BackboneFile(path, "state_dict", state, looks, name, stem, sobel, dropped=dropped)
-
-
-def from_trunk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """deepclust's VGG trunk is Sequential(features, pool, flatten): ``0.N`` there is torchvision's ``features.N``."""
-    return {"features." + k[2:]: v for k, v in state.items() if k.startswith("0.")}
-
-
-def to_trunk_names(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    if name != "vgg16_bn":
-        return state
-    return {"0." + k[len("features."):]: v for k, v in state.items()}
 
 
 def listed(keys: list[str]) -> str:
@@ -232,8 +220,7 @@ def load_trunk(backbone: Backbone, file: BackboneFile, image_size: int, size_fla
         raise CheckpointError(f"{file.path}'s first conv takes {'the 2 Sobel channels' if file.sobel else 'RGB'}, "
                               f"the backbone {'Sobel' if backbone.sobel is not None else 'RGB'} input: "
                               f"set sobel={str(file.sobel).lower()}")
-    want = from_trunk_names(backbone.trunk.state_dict()) if backbone.name == "vgg16_bn" else \
-        backbone.trunk.state_dict()
+    want = torchvision_names(backbone.trunk.state_dict(), backbone.name)
     counters = {k: v for k, v in want.items() if k.endswith("num_batches_tracked") and k not in file.state}
     missing = [k for k in want if k not in file.state and k not in counters]
     unexpected = [k for k in file.state if k not in want]
@@ -246,7 +233,7 @@ def load_trunk(backbone: Backbone, file: BackboneFile, image_size: int, size_fla
         fix = f"; pass --backbone {file.name}" if file.name and file.name != backbone.name else ""
         raise CheckpointError(f"{file.path} does not fit backbone {backbone.name}: {'; '.join(parts)}. It looks "
                               f"like {file.looks_like}{fix}")
-    backbone.trunk.load_state_dict(to_trunk_names({**file.state, **counters}, backbone.name), strict=True)
+    backbone.trunk.load_state_dict(trunk_names({**file.state, **counters}, backbone.name), strict=True)
     loaded = f"{len(file.state)} trunk tensors of {file.description}"
     if file.dropped:
         loaded += f"; not loaded: its classifier ({listed(file.dropped)})"

@@ -21,7 +21,7 @@ from . import distributed
 from .augment import Augment, test_transform
 from .data import IndexedImages
 from .methods.base import Batch, EpochContext, Method
-from .runtime import allow_sync
+from .runtime import allow_sync, sync_debug_mode
 from .safety import STOP, LossGuard, ignore_stop_signals, start_workers
 
 if TYPE_CHECKING:
@@ -193,17 +193,8 @@ def stop_agreed(done: int, steps: int, device: torch.device) -> bool:
     return stopping
 
 
-@contextlib.contextmanager
-def sync_debug(device: torch.device) -> Iterator[None]:
+def sync_debug(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """With DEEPCLUST_SYNC_DEBUG=warn|error on a GPU, torch warns or raises at any host-device sync in the step
-    loop (the GPU tests set it; the loss check every ``LossGuard.check_every`` steps is the one it allows)."""
+    loop (the GPU tests set it; ``allow_sync`` exempts the loop's deliberate ones)."""
     mode = os.environ.get("DEEPCLUST_SYNC_DEBUG")
-    if not mode or device.type != "cuda" or not torch.cuda.is_available():
-        yield
-        return
-    before = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(before)
+    return sync_debug_mode(mode) if mode and device.type == "cuda" else contextlib.nullcontext()

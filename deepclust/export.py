@@ -53,13 +53,25 @@ def how_to_load(name: str, state: dict[str, torch.Tensor], sobel: bool, fmt: str
             "model.load_state_dict(state, strict=True)")
 
 
+def torchvision_names(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A trunk's state under torchvision's names: deepclust's VGG trunk is Sequential(features, pool, flatten),
+    so its ``0.N`` is torchvision's ``features.N``; the ResNets' names are torchvision's already."""
+    if name != "vgg16_bn":
+        return state
+    return {"features." + k[2:]: v for k, v in state.items() if k.startswith("0.")}
+
+
+def trunk_names(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """``torchvision_names`` undone: a state under torchvision's names, as deepclust's trunk holds it."""
+    if name != "vgg16_bn":
+        return state
+    return {"0." + k[len("features."):]: v for k, v in state.items()}
+
+
 def backbone_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The trunk's parameters and buffers under torchvision's names (VGG: ``features.N``); nothing else."""
     trunk = backbone_from_checkpoint(payload).trunk
-    state = {k: v.contiguous() for k, v in trunk.state_dict().items()}
-    if payload["backbone"]["name"] == "vgg16_bn":  # trunk = Sequential(features, pool, flatten)
-        state = {"features." + k[2:]: v for k, v in state.items() if k.startswith("0.")}
-    return state
+    return torchvision_names({k: v.contiguous() for k, v in trunk.state_dict().items()}, payload["backbone"]["name"])
 
 
 def export_format(out: str | Path, fmt: str | None = None) -> str:
@@ -128,8 +140,7 @@ def load_backbone(path: str | Path) -> nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path} is not a deepclust backbone export (no {EXPORT_FORMAT!r} metadata)")
-    if meta["backbone"] == "vgg16_bn":
-        state = {"0." + k[len("features."):]: v for k, v in state.items()}
+    state = trunk_names(state, meta["backbone"])
     trunk, _ = BACKBONES[meta["backbone"]](2 if meta["sobel"] else 3, meta["image_size"], meta["width"])
     trunk.load_state_dict(state, strict=True)
     module = nn.Sequential(Sobel(), trunk) if meta["sobel"] else trunk

@@ -4,6 +4,7 @@ copies that keep a GPU from waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -118,15 +119,21 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @contextmanager
-def allow_sync() -> Iterator[None]:
-    """A host-device sync the step loop makes on purpose (the loss check every so many steps, a checkpoint, a
-    once-an-epoch table): exempt from DEEPCLUST_SYNC_DEBUG's check while inside."""
-    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+def sync_debug_mode(mode: int | str) -> Iterator[None]:
+    """torch's check for host-device syncs (``torch.cuda.set_sync_debug_mode``: 0 / "warn" / "error") set to
+    ``mode`` while inside, then restored; nothing to do without a visible GPU."""
+    if not torch.cuda.is_available():
         yield
         return
     before = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.set_sync_debug_mode(mode)
     try:
         yield
     finally:
         torch.cuda.set_sync_debug_mode(before)
+
+
+def allow_sync() -> contextlib.AbstractContextManager[None]:
+    """A host-device sync the step loop makes on purpose (the loss check every so many steps, a checkpoint, a
+    once-an-epoch table): exempt from DEEPCLUST_SYNC_DEBUG's check while inside."""
+    return sync_debug_mode(0)

@@ -97,6 +97,7 @@ class Run:
     model: torch.nn.Module | None = None  # what computes the loss: the method, or its DDP wrapper under torchrun
     mid_epoch: dict[str, Any] | None = None  # where a checkpoint taken inside epoch ``start`` stood
     images_fit: bool = True  # the training images fit on the device beside the run (``check_device_memory``)
+    amp: torch.dtype | None = None  # the autocast dtype of training and its target passes (None: float32)
 
     def __post_init__(self):
         self.images = self.data.images
@@ -151,7 +152,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     if cfg.batch_size < 2 * world:
         raise ConfigError(f"batch_size {cfg.batch_size} is too small for {world} processes: each needs at least 2 "
                           f"images of every batch; use batch_size >= {2 * world} or fewer processes")
-    amp = autocast_dtype(device, cfg.amp) is not None
+    amp = autocast_dtype(device, cfg.amp)  # once a run: it logs a GPU without bf16
     where = f"the CPU with {threads} torch thread(s)" if device.type == "cpu" else str(device)
     log.info("training on %s, %s", where, "bf16 autocast" if amp else "float32")
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
@@ -168,7 +169,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
     images_fit = True
     if device.type == "cuda":  # before anything is copied there
-        plan = plan_training_memory(method, len(data), data.image_size, cfg.batch_size, amp)
+        plan = plan_training_memory(method, len(data), data.image_size, cfg.batch_size, amp is not None)
         images_fit = check_device_memory(plan, device)
     if world > 1:  # BatchNorm statistics over the global batch, as one process would compute them
         distributed.global_batchnorm(method)
@@ -184,7 +185,8 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
             find_unused_parameters=True)  # e.g. the embedding head of methods that train on pooled features
     if cfg.compile:  # the forward through the loss; augmentation, after_step and targets stay eager
         model = torch.compile(model or method)
-    run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model, images_fit=images_fit)
+    run = Run(cfg, hparams, method, optimizer, data, test, device, out, model=model, images_fit=images_fit,
+              amp=amp)
     if payload is not None:
         method.load_state_dict(payload["state"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -243,7 +245,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     seed = epoch_seed(cfg.seed, round_, epoch)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
-    amp = autocast_dtype(device, cfg.amp)
+    amp = run.amp
 
     def extract(feature: str, normalize: bool = True) -> torch.Tensor:  # targets: in the precision training runs
         return feature_pass(run, run.images, feature, normalize, bf16=amp is not None)
@@ -263,7 +265,11 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     augment = Augment(run.data.image_size)
     method.train()
     checkpoint = run.out / "checkpoint.pt"
-    guard = LossGuard(cfg.nan_policy, checkpoint, lambda s: f"round {round_} epoch {epoch} step {s} of {cfg.method}")
+
+    def where(step: int) -> str:
+        return f"round {round_} epoch {epoch} step {step} of {cfg.method}"
+
+    guard = LossGuard(cfg.nan_policy, checkpoint, where)
     batches = tqdm(epoch_batches(run, cursor, bounds, parts, seed), desc=f"round {round_} epoch {epoch}",
                    total=len(bounds) - cursor.step, leave=False, disable=not cfg.progress)
     with sync_debug(device):
@@ -286,8 +292,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
                     if distributed.is_main():
                         save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": cursor.state(method)})
             if stopping:  # without checkpoint_every, the epoch's checkpoint is the one before it
-                raise_if_stopping(f"round {round_} epoch {epoch} step {step} of {cfg.method}", checkpoint,
-                                  global_epoch, done if cfg.checkpoint_every else None)
+                raise_if_stopping(where(step), checkpoint, global_epoch, done if cfg.checkpoint_every else None)
     guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
                            "loss": float(cursor.loss_sum) / max(1, cursor.steps), "lr": lr}
