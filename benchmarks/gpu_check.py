@@ -138,11 +138,13 @@ def train_one(layer: dict[str, Any], device: torch.device) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     os.environ["DEEPCLUST_SYNC_DEBUG"] = "warn"
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(cfg, hp, overwrite=True)  # a rerun into the same --out keeps the old run beside, as DIR.1
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(cfg, hp, overwrite=True)  # a rerun into the same --out keeps the old run beside, as DIR.1
+    finally:  # a failed job must not leave the next one in warn mode
+        os.environ.pop("DEEPCLUST_SYNC_DEBUG")
     wall = time.perf_counter() - t0
-    os.environ.pop("DEEPCLUST_SYNC_DEBUG")
     rows = [r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if not r.get("untrained")]
     untrained = next((r["knn_top1"] for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if r.get("untrained")),
                      None)
