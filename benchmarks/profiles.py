@@ -125,6 +125,14 @@ PROFILES: dict[str, dict] = {
     },
 }
 
+# The medium protocol at twice the images (and so twice the steps): the third size of issue 24's scale trend
+# (cpu 586 steps, medium 3,906, large 7,812). About 100 minutes a seed for the seven methods of that trend
+# on 2 cores (--jobs 2 --threads 1); it resumes from its checkpoints.
+PROFILES["large"] = {
+    "train": {**PROFILES["medium"]["train"], "subset": 20000, "eval_every": 25},
+    "methods": PROFILES["medium"]["methods"],
+}
+
 # The ODC paper's Table 4 protocol at the medium scale: every method fine-tunes a trained network (pass
 # --set init=runs/BASE/is/seed{seed}/checkpoint.pt) for 20 epochs on the medium data, the shared lr 0.03
 # decayed x0.1 at 12 and 16; "is" on the same init is the control (more training, no clustering).

@@ -178,7 +178,8 @@ def run_one(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats()
         result["stage"] = "train"
         t0 = time.perf_counter()
-        train(cfg, hparams, overwrite=True)  # a rerun recomputes the unit; an old run there is moved aside, kept
+        # A rerun recomputes the unit (an old run there is moved aside, kept), unless --resume continues it.
+        train(cfg, hparams, resume=args.resume, overwrite=not args.resume)
         result["train_wall_s"] = time.perf_counter() - t0
         result["peak_rss_train_mb"] = peak_rss_mb()
         if cuda:
@@ -232,6 +233,8 @@ def child_command(args: argparse.Namespace, method: str, seed: int | None) -> li
             cmd += [flag, str(value)]
     for pair in args.set or []:
         cmd += ["--set", pair]
+    if args.resume:
+        cmd.append("--resume")
     return cmd
 
 
@@ -650,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads in each method's process (default: torch's)")
     p.add_argument("--timeout", type=float, help="seconds allowed per method (default: no limit)")
     p.add_argument("--out", required=True, help="output folder; each method writes into OUT/METHOD")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each unit from its checkpoint in OUT (a finished one is only evaluated again) "
+                        "instead of moving it aside and starting again")
     p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)  # internal: run one method in-process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # internal: the seed of that run
     return p

@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_schedule: str = "step"  # step: x lr_decay at each lr_decay_at | linear: to 0 over a round (UIC) | cosine
     lr_decay_at: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of a round
     lr_decay: float = 0.1
     # run
@@ -223,6 +224,7 @@ class Device:
 
 Rule = Range | Choice | Device
 FRACTION = Range(0, 1, "()")
+LR_SCHEDULES = ("step", "linear", "cosine")
 UNIT = Range(0, 1)
 # Free-form fields: the method (resolve checks it), paths (checked where they are read) and booleans (coerce).
 UNCHECKED = ("method", "data", "test_data", "out", "init")
@@ -242,7 +244,8 @@ def rules(method: str) -> dict[str, Rule]:
         "bad_images": Choice(("fail", "skip")), "num_workers": at_least(0), "epochs": at_least(1),
         "rounds": at_least(1), "batch_size": at_least(2),  # BatchNorm needs 2 samples a batch
         "lr": above(0), "momentum": Range(0, 1, "[)"), "weight_decay": at_least(0), "lr_decay_at": FRACTION,
-        "lr_decay": Range(0, 1, "(]"), "seed": Range(0, 2**32 - 1), "device": Device(), "threads": at_least(1),
+        "lr_schedule": Choice(LR_SCHEDULES), "lr_decay": Range(0, 1, "(]"), "seed": Range(0, 2**32 - 1),
+        "device": Device(), "threads": at_least(1),
         "logger": Choice(("jsonl", "tensorboard")), "stop_after": at_least(1), "checkpoint_every": at_least(1),
         "nan_policy": Choice(("stop", "skip")), "eval_every": at_least(0), "knn_k": at_least(1),
         "knn_tau": above(0), "eval_feature": Choice(("embedding", "pooled")),
@@ -250,7 +253,7 @@ def rules(method: str) -> dict[str, Rule]:
         "tau": above(0), "bank_momentum": Range(0, 1, "(]"), "bank_init": Choice(("features", "random")),
         "bank_dtype": Choice(tuple(BANK_DTYPES)), "anchor_step": UNIT,
         "k": at_least(2), "min_clusters": at_least(2),  # cluster counts; none: N / 50
-        "kmeans_iters": at_least(1), "init_iters": at_least(1), "pca_dim": at_least(1),
+        "kmeans_iters": at_least(1), "init_iters": at_least(1), "pca_dim": at_least(1), "pca_eps": above(0),
         "gamma": Range(0, 1, "(]"), "vote_start": UNIT, "vote_epochs": at_least(0), "alpha": FRACTION,
         "drop_below": Range(), "pull_back_at": Range(), "warmup_end": UNIT, "warmup_t_start": UNIT,
         "warmup_t_end": UNIT, "max_size": at_least(2), "hpe": Choice(HPE_CHOICES), "hpe_weight": at_least(0),

@@ -75,7 +75,12 @@ def epoch_seed(seed: int, round_: int, epoch: int) -> int:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule within a round: x lr_decay at each fraction in lr_decay_at (restarts every round)."""
+    """The lr of ``epoch`` of a round (every schedule restarts each round). step: x lr_decay at each fraction in
+    lr_decay_at; linear: from lr down to lr / epochs in the last epoch (UIC's recipe); cosine: half a cosine."""
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - epoch / cfg.epochs)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     steps = sum(epoch >= math.ceil(f * cfg.epochs) for f in cfg.lr_decay_at)
     return cfg.lr * cfg.lr_decay**steps
 

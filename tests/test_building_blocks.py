@@ -318,6 +318,21 @@ def test_pca_whiten_keeps_top_components():
     assert abs(float(corr)) > 0.999
 
 
+def test_pca_eps_whitens_directions_above_it_and_damps_those_below_and_says_how_many():
+    g = gen(4)
+    scales = torch.tensor([1.0, 0.5, 1e-3, 1e-4])  # variances 1, 0.25, 1e-6, 1e-8
+    x = torch.randn(4000, 4, generator=g, dtype=torch.float64) * scales
+    for eps, damped in ((1e-5, 0.5), (1e-12, 0.0)):
+        stats: dict[str, float] = {}
+        var = pca_whiten(x, 4, eps=eps, stats=stats).var(0)
+        assert stats["pca_damped"] == damped
+        sample = x.var(0)  # the axes are the principal axes (uncorrelated columns, variances 4 decades apart)
+        torch.testing.assert_close(var, sample / (sample + eps), rtol=1e-3, atol=1e-9)
+    # a dead channel (variance 0) is damped to 0, never NaN, at any eps
+    x[:, 3] = 0.5
+    assert torch.isfinite(pca_whiten(x, 4, eps=1e-12)).all()
+
+
 def test_pca_whiten_caps_dims():
     x = torch.randn(5, 20, generator=gen(2))
     assert pca_whiten(x, 10).shape == (5, 4)  # N - 1

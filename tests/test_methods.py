@@ -282,6 +282,18 @@ def test_uic_fft_fixes_labels_from_centre_crops(tmp_path):
     assert all(r["class_size_empty"] == 0 for r in rows)
 
 
+def test_uic_first_labels_come_from_the_runs_seed_and_leave_the_global_draws_alone():
+    def start(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)  # as the trainer does before building the method
+        method = UIC(Backbone("convnet", 16, width=8), 500, UIC.Config(k=10))
+        return method.targets.clone(), torch.rand(3)  # the next global draw after building it
+
+    (a, after_a), (b, _), (c, after_c) = start(1), start(2), start(1)
+    assert torch.equal(a, c) and torch.equal(after_a, after_c)
+    assert (a != b).float().mean() > 0.5  # another seed, another start
+    assert torch.equal(a, torch.randint(10, (500,), generator=torch.Generator().manual_seed(1)))
+
+
 def test_uic_resume_restores_labels(tmp_path):
     cfg, hp = run_cfg(tmp_path, "uic", k=5, name="full")
     train(cfg, hp)

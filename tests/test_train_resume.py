@@ -134,6 +134,14 @@ def test_lr_schedule_steps_within_each_round():
     assert [lr_at(cfg, e) for e in range(3)] == pytest.approx([0.03, 0.03, 0.003])
 
 
+def test_linear_and_cosine_schedules_fall_from_lr_over_a_round_and_ignore_the_steps():
+    linear = TrainConfig(epochs=4, lr=0.1, lr_schedule="linear", lr_decay_at=[0.5])
+    assert [lr_at(linear, e) for e in range(4)] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    cosine = TrainConfig(epochs=4, lr=0.1, lr_schedule="cosine")
+    half = 0.05 * (1 + 2**-0.5)  # 0.1 * (1 + cos(pi / 4)) / 2
+    assert [lr_at(cosine, e) for e in range(4)] == pytest.approx([0.1, half, 0.05, 0.1 - half])
+
+
 def test_epoch_seeds_are_distinct():
     seeds = {epoch_seed(s, r, e) for s in range(3) for r in range(5) for e in range(300)}
     assert len(seeds) == 3 * 5 * 300

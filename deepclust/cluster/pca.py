@@ -11,8 +11,14 @@ from .kmeans import check_finite
 log = logging.getLogger(__name__)
 
 
-def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5, chunk: int = 65536) -> torch.Tensor:
-    """Project centred rows onto the top ``dim`` principal axes, scaled to unit variance.
+def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5, chunk: int = 65536,
+               stats: dict[str, float] | None = None) -> torch.Tensor:
+    """Project centred rows onto the top ``dim`` principal axes, each divided by sqrt(variance + ``eps``).
+
+    ``eps`` is absolute, in the features' own units: a direction whose variance is well above it is whitened to
+    unit variance, one well below it is damped, not blown up (and a rank-deficient covariance gives no NaN).
+    ``stats``, when given, receives ``pca_damped``: the fraction of the kept directions with variance below
+    ``eps``, so that the features' scale never silently decides how much is whitened.
 
     ``dim`` is capped at the feature width and at N - 1 (the rank of centred data); a cap is logged,
     never an error, so tiny datasets still cluster. The covariance and its eigenvectors are float64, summed a
@@ -30,5 +36,8 @@ def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5, chunk: int = 65536)
         cov += xc.t() @ xc
     evals, evecs = torch.linalg.eigh(cov / max(1, n - 1))  # ascending
     evals, evecs = evals.flip(0)[:cap], evecs.flip(1)[:, :cap]
-    proj = (evecs / torch.sqrt(evals.clamp(min=0) + eps)).to(x.dtype)
+    evals = evals.clamp(min=0)
+    if stats is not None:
+        stats["pca_damped"] = float((evals < eps).double().mean())
+    proj = (evecs / torch.sqrt(evals + eps)).to(x.dtype)
     return (x - mean.to(x.dtype)) @ proj

@@ -48,8 +48,10 @@ class UIC(Method):
         super().__init__(backbone, num_samples, config, labels)
         k = self.config.k = cluster_count(self.config.k, num_samples, "uic")  # in place: the run records it
         self.classifier = nn.Linear(backbone.feat_dim, k)
-        gen = torch.Generator().manual_seed(0)
-        start = torch.randint(k, (num_samples,), generator=gen)  # the first epoch's uniformly random labels
+        # The first epoch's uniformly random labels, from the run's seed (the trainer seeds torch with it, the same
+        # on every rank) through a generator of their own, so that nothing else's draws move.
+        gen = torch.Generator().manual_seed(torch.initial_seed())
+        start = torch.randint(k, (num_samples,), generator=gen)
         self.register_buffer("targets", start)  # this epoch's labels
         self.register_buffer("next_targets", start.clone())  # written by this epoch's forward passes
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool))  # FFT phase: labels frozen
