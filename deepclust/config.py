@@ -260,6 +260,7 @@ def rules(method: str) -> dict[str, Rule]:
         "memory_momentum": Range(0, 1, "(]"), "centroid_interval": at_least(1), "min_cluster": at_least(0),
         "neck_hidden": at_least(1), "neck_dim": at_least(1), "dropout": Range(0, 1, "[)"),
         "memory_update": Choice(("augmented", "clean")), "fft_epochs": at_least(0),
+        "head_momentum": Range(0, 1, "[)"),
     }
     overrides: dict[str, dict[str, Rule]] = {"pad": {"k": at_least(1)}}  # PAD's k: kNN graph out-degree
     return {**table, **overrides.get(method, {})}

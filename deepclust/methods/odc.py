@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,7 @@ class ODC(Method):
         # the augmented update relabels ~90% of images an epoch even for a frozen network (BENCHMARKS.md).
         memory_update: str = "augmented"
         bank_dtype: str = "float32"  # float16: the memory features in half the memory (computed in float32)
+        head_momentum: float | None = None  # the classifier's SGD momentum; none: the trainer's (reference code: 0)
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
@@ -73,6 +75,14 @@ class ODC(Method):
         self.host_step = 0
         self.change_sum: torch.Tensor | float = 0.0
         self.change_steps = 0
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if self.config.head_momentum is None:
+            return super().param_groups()
+        head = {id(p) for p in self.classifier.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in head], "scheduled": True},
+                {"params": list(self.classifier.parameters()), "scheduled": True,
+                 "momentum": self.config.head_momentum}]
 
     @property
     def initialised(self) -> bool:
