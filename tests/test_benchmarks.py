@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +113,35 @@ def test_protocols_tabulates_every_method_and_seed_of_a_harness_folder_and_rerun
     assert protocols_main(argv) == 0
     assert json.loads((out / "protocols.json").read_text())["units"][0]["fewshot_5way_1shot"] == -1.0
     assert protocols_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_scale_trend_pairs_seeds_fits_the_log_steps_line_and_finds_the_crossing(tmp_path):
+    from benchmarks.scale_trend import analyse, read_size, trend
+
+    # gap -4 at 100 steps, -2 at 1,000: +2 a decade, so 0 at 10,000 steps
+    t = trend([(100, -4.0, 0.1), (1000, -2.0, 0.1)])
+    assert t["slope_per_decade"] == pytest.approx(2.0) and t["cross_steps"] == pytest.approx(1e4)
+    assert t["verdict"] == "narrows" and t["cross_to"] == "the papers' order"
+    assert trend([(100, 1.0, 0.5), (1000, -1.0, 0.5)])["verdict"] == "inverts"
+    assert trend([(100, -1.0, 1.0), (1000, -1.5, 1.0)])["verdict"] == "holds (within the spread)"
+
+    def write(folder, subset, epochs, methods, sets=()):
+        folder.mkdir()
+        entries = [{"method": m, "status": "ok", "seeds": [0, 1], "knn_top1_values": knn, "linear_top1_values": knn}
+                   for m, knn in methods.items()]
+        (folder / "results.json").write_text(json.dumps({
+            "profile_train": {"subset": subset, "batch_size": 128, "epochs": epochs}, "methods": entries,
+            "sets": list(sets)}))
+        return str(folder)
+
+    small = write(tmp_path / "s", 1280, 10, {"pad": [40.0, 42.0], "npid": [45.0, 46.0]})
+    big = write(tmp_path / "b", 12800, 10, {"pad": [50.0, 50.0], "npid": [49.0, 51.0]})
+    result = analyse({"small": read_size([small]), "big": read_size([big])})
+    row = next(r for r in result["pairs"] if r["pair"] == "pad - npid")
+    assert row["sizes"]["small"]["steps"] == 100 and row["sizes"]["big"]["steps"] == 1000
+    assert row["sizes"]["small"]["knn_top1"]["values"] == [-5.0, -4.0]  # seed against seed
+    assert row["knn_top1_trend"]["slope_per_decade"] == pytest.approx(4.5)
+    assert "pad - and" in [r["pair"] for r in result["pairs"]] and not row["sizes"].get("x")
+    with_warmup = write(tmp_path / "w", 1280, 10, {"pcp": [50.0, 50.0], "is": [49.0, 51.0]})
+    with pytest.raises(SystemExit, match="warmup=false"):
+        analyse({"small": read_size([with_warmup])})
