@@ -303,18 +303,19 @@ def image_folder(root: Path, count: int = 4, size: int = 16) -> Path:
 
 def test_a_dataset_over_the_available_memory_fails_before_decoding_with_the_estimate(tmp_path, monkeypatch):
     folder = image_folder(tmp_path / "images")  # 4 images of 16x16: 4 x 3 x 16 x 16 = 3072 bytes decoded
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3071)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 3071)
     with pytest.raises(DataError, match=re.escape(
             f"{folder}: 4 images of 16x16 need about 0.00 GiB (N x 3 x S x S bytes decoded), but 0.00 GiB of "
             "memory are available; pass subset=N or a smaller image_size, or decode the data once into a cache "
             "read from disk: `deepclust prepare SOURCE --out CACHE --size S`, then --data CACHE")):
         load_data(str(folder))
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3072)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 3072)
     assert load_data(str(folder)).images.shape == (4, 3, 16, 16)
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 767)  # the size asked for counts: 4 x 3 x 8 x 8
+    # the size asked for counts: 4 x 3 x 8 x 8
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 767)
     with pytest.raises(DataError, match="4 images of 8x8"):
         load_data(str(folder), image_size=8)
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 768)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 768)
     assert load_data(str(folder), image_size=8).images.shape == (4, 3, 8, 8)
 
 
@@ -354,12 +355,12 @@ def test_a_full_disk_outside_the_checkpoint_is_a_run_error(tmp_path):
 def test_an_npz_over_the_available_memory_fails_before_its_array_is_read(tmp_path, monkeypatch):
     path = tmp_path / "big.npz"  # (5, 20, 30, 1): 3000 bytes stored, 5 x 3 x 20 x 20 = 6000 decoded at the short side
     np.savez(path, images=np.zeros((5, 20, 30, 1), dtype=np.uint8))
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 8999)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 8999)
     with pytest.raises(DataError, match=re.escape(f"{path}: 5 images of 20x20 need about 0.00 GiB (N x 3 x S x S "
                                                   "bytes decoded plus 0.00 GiB stored), but")):
         load_data(str(path))
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 9000)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 9000)
     assert load_data(str(path)).images.shape == (5, 3, 20, 20)
-    monkeypatch.setattr("deepclust.data.available_memory", lambda: 3000 + 5 * 3 * 8 * 8 - 1)
+    monkeypatch.setattr("deepclust.data.pixels.available_memory", lambda: 3000 + 5 * 3 * 8 * 8 - 1)
     with pytest.raises(DataError, match="5 images of 8x8"):  # the image_size asked for
         load_data(str(path), image_size=8)
