@@ -145,3 +145,17 @@ def test_scale_trend_pairs_seeds_fits_the_log_steps_line_and_finds_the_crossing(
     with_warmup = write(tmp_path / "w", 1280, 10, {"pcp": [50.0, 50.0], "is": [49.0, 51.0]})
     with pytest.raises(SystemExit, match="warmup=false"):
         analyse({"small": read_size([with_warmup])})
+
+
+def test_recipe_table_pairs_the_own_recipe_with_the_shared_protocol_seed_by_seed():
+    from benchmarks.recipe_table import compare
+
+    def entry(method, knn, gain):
+        return {"method": method, "seeds": [0, 1], "knn_top1_values": knn, "linear_top1_values": knn,
+                "nmi_values": [0.1, 0.2], "knn_gain": gain, "knn_gain_spread": 0.5}
+
+    shared = {"odc": entry("odc", [30.0, 32.0], -2.0), "is": entry("is", [60.0, 60.0], 26.0)}
+    own = {"odc": entry("odc", [34.0, 35.0], 1.5)}
+    (row,) = compare(shared, own)
+    assert row["method"] == "odc" and row["knn_top1"]["diff"] == pytest.approx((3.5, 0.5**0.5))
+    assert row["knn_top1"]["own"] == pytest.approx((34.5, 0.5**0.5)) and row["gain"]["own"] == (1.5, 0.5)

@@ -1,0 +1,85 @@
+"""Each method at the shared protocol and at its own paper's recipe, side by side (issue 24).
+
+    python -m benchmarks.recipe_table --shared benchmarks/results/medium --own runs/own-medium \
+        --out benchmarks/results/own-medium
+
+``--shared`` and ``--own``: ``benchmarks.run`` folders of the same data and epochs (``--profile medium`` and
+``--profile medium-own``). For every method in ``--own``: kNN top-1, linear top-1 and NMI (mean ± std over
+seeds) in both, the own recipe minus the shared protocol seed by seed, and each run's kNN gain over its own
+untrained network (a Sobel recipe starts from another network: its first layer sees 2 channels, not 3).
+Writes OUT/recipe_table.md and OUT/recipe_table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.finetune_table import mean_std
+
+METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("nmi", "NMI"))
+
+
+def methods(folder: str) -> dict[str, dict[str, Any]]:
+    summary = json.loads((Path(folder) / "results.json").read_text())
+    return {m["method"]: m for m in summary["methods"] if m.get("status") == "ok"}
+
+
+def per_seed(entry: dict[str, Any], metric: str) -> dict[int, float]:
+    return dict(zip(entry["seeds"], entry[f"{metric}_values"], strict=True))
+
+
+def compare(shared: dict[str, dict[str, Any]], own: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in own.items():
+        if name not in shared:
+            continue
+        row: dict[str, Any] = {"method": name, "overrides": entry.get("overrides", {})}
+        for metric, _ in METRICS:
+            a, b = per_seed(shared[name], metric), per_seed(entry, metric)
+            seeds = [s for s in sorted(b) if s in a]
+            row[metric] = {"shared": mean_std(list(a.values())), "own": mean_std(list(b.values())),
+                           "diff": mean_std([b[s] - a[s] for s in seeds]) if seeds else None, "seeds": seeds}
+        row["gain"] = {"shared": (shared[name].get("knn_gain"), shared[name].get("knn_gain_spread")),
+                       "own": (entry.get("knn_gain"), entry.get("knn_gain_spread"))}
+        rows.append(row)
+    return rows
+
+
+def cell(ms: tuple[float, float], digits: int) -> str:
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | " + " | ".join(f"{t}: shared | own recipe | own − shared" for _, t in METRICS)
+             + " | kNN vs untrained: shared | own |", "|---|" + "---:|---:|---:|" * len(METRICS) + "---:|---:|"]
+    for row in rows:
+        cells = []
+        for metric, _ in METRICS:
+            d, digits = row[metric], 3 if metric == "nmi" else 2
+            diff = "-" if d["diff"] is None else f"{d['diff'][0]:+.{digits}f} ± {d['diff'][1]:.{digits}f}"
+            cells += [cell(d["shared"], digits), cell(d["own"], digits), diff]
+        cells += [f"{g[0]:+.2f} ± {g[1]:.2f}" if g[0] is not None else "-" for g in row["gain"].values()]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", required=True)
+    p.add_argument("--own", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    rows = compare(methods(args.shared), methods(args.own))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe_table.json").write_text(json.dumps(rows, indent=1))
+    (out / "recipe_table.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
