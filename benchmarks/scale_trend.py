@@ -8,7 +8,8 @@ the papers', the gap at several sizes of one protocol, against the training step
 Each ``--size NAME=DIR[,DIR...]`` names ``benchmarks.run`` folders of one profile; a method in a later folder
 replaces the same method of an earlier one (so PCP without its warm-up can come from a run of its own). PCP must
 come from runs with ``--set warmup=false``: the PAD/PCP papers' order is that of PCP without the IS branch.
-A pair's gap is "paper's winner minus paper's loser" (negative: our order is inverted), each seed against the
+A pair's gap is "the papers' winner minus their loser" (negative: our order is inverted; PCP without its warm-up
+is below IS in its own paper too, by 1.3), each seed against the
 same seed (same initial network and images), mean ± std over the seeds both have. The trend is a least-squares
 line of the mean gap on log10(steps); where the gap is negative and rising, the steps (and the images, at the
 protocol's 50 epochs) where the line reaches 0 are given. That is a rough extrapolation of three points, and
@@ -25,16 +26,18 @@ from typing import Any
 
 from benchmarks.finetune_table import mean_std
 
-# (the papers' winner, their loser, where the papers say so)
-PAIRS: tuple[tuple[str, str, str], ...] = (
-    ("pad", "and", "PAD paper, AlexNet CIFAR-10 kNN: 81.5 vs 74.8"),
-    ("pad", "npid", "PAD paper: 81.5 vs 60.3"),
-    ("deepcluster", "npid", "PAD paper: 62.3 vs 60.3; PCP paper R18: 80.6 vs 80.8 (a tie)"),
-    ("uic", "deepcluster", "UIC paper, ImageNet linear probes"),
-    ("pcp", "is", "PCP paper R18 kNN, no warm-up (Table IV round 0) vs IS 83.6"),
+# (the papers' winner, their loser, the papers' gap, where it is from)
+PAIRS: tuple[tuple[str, str, float, str], ...] = (
+    ("pad", "and", 6.7, "PAD paper Table 1, AlexNet CIFAR-10 kNN: 81.5 vs 74.8"),
+    ("pad", "npid", 21.2, "PAD paper Table 1: 81.5 vs 60.3"),
+    ("deepcluster", "npid", 2.0, "PAD paper Table 1: 62.3 vs 60.3 (the PCP paper's ResNet-18 rerun: 80.6 vs 80.8)"),
+    ("uic", "deepcluster", 0.8, "UIC paper Table 3, ImageNet conv5 linear probe: 39.0 vs 38.2"),
+    ("pcp", "is", -1.3, "PCP paper Tables IV-V, ResNet-18 kNN, round 0 without warm-up: 82.3 vs IS 83.6 "
+                        "(with warm-up 84.7)"),
 )
 METRICS = ("knn_top1", "linear_top1")
 EPOCHS_AT = 50  # the protocol's epochs at the medium and large sizes: images = steps * batch / epochs
+PAPER_STEPS = math.ceil(50_000 / 128) * 200  # METHODS.md's CIFAR-10 length: 50,000 images, 200 epochs
 
 
 def read_size(folders: list[str]) -> dict[str, Any]:
@@ -68,16 +71,20 @@ def pair_gap(size: dict[str, Any], winner: str, loser: str, metric: str) -> list
     return [a[s] - b[s] for s in sorted(a) if s in b]
 
 
-def trend(points: list[tuple[int, float, float]]) -> dict[str, Any]:
-    """From (steps, mean gap, its std) at each size: the least-squares slope of the mean gap on log10(steps),
-    what the gap did from the smallest size to the largest (against the two sizes' spreads), and where the line
-    reaches 0 ahead of the largest size, if it is heading there."""
+def trend(points: list[tuple[int, float, float | None]], target: float = 0.0) -> dict[str, Any]:
+    """From (steps, mean gap, its std; None for one seed) at each size: the least-squares slope of the mean gap on
+    log10(steps), what the gap did from the smallest size to the largest against the two sizes' spreads (a
+    one-seed size borrows the largest spread of the others), the line's value at the papers' CIFAR-10 length,
+    and, for a gap that moved beyond the spreads towards ``target`` (0: the papers' order; or a pair's negative
+    gap in the papers), where the line reaches it."""
     if len(points) < 2:
-        return {"slope_per_decade": None, "verdict": "one size", "cross_steps": None, "cross_to": None}
+        return {"slope_per_decade": None, "verdict": "one size", "cross_steps": None, "cross_to": None,
+                "at_paper_steps": None}
     xs, ys = [math.log10(p[0]) for p in points], [p[1] for p in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    (first, s_first), (last, s_last) = points[0][1:], points[-1][1:]
+    known = [p[2] for p in points if p[2] is not None] or [0.0]
+    (first, s_first), (last, s_last) = [(p[1], max(known) if p[2] is None else p[2]) for p in (points[0], points[-1])]
     if abs(last - first) <= s_first + s_last:
         verdict = "holds (within the spread)"
     elif last > first:
@@ -85,10 +92,11 @@ def trend(points: list[tuple[int, float, float]]) -> dict[str, Any]:
             "widens in the papers' order"
     else:
         verdict = "inverts" if last < 0 < first else "widens" if first < 0 else "narrows, in the papers' order"
-    heading = (last < 0 < slope) or (slope < 0 < last)
+    heading = verdict.startswith("narrows") and ((last < target and slope > 0) or (slope < 0 and last > target))
     return {"slope_per_decade": slope, "verdict": verdict,
-            "cross_steps": 10 ** (mx - my / slope) if heading else None,
-            "cross_to": ("the papers' order" if last < 0 else "inverted") if heading else None}
+            "cross_steps": 10 ** (mx + (target - my) / slope) if heading else None,
+            "cross_to": ("the papers' order" if last < target else "inverted") if heading else None,
+            "at_paper_steps": my + slope * (math.log10(PAPER_STEPS) - mx)}
 
 
 def analyse(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -98,8 +106,8 @@ def analyse(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
             raise SystemExit(f"size {name}: PCP comes from a run without --set warmup=false ({size['folders']})")
     order = sorted(sizes, key=lambda n: training_steps(sizes[n]["train"]))
     rows = []
-    for winner, loser, source in PAIRS:
-        row: dict[str, Any] = {"pair": f"{winner} - {loser}", "source": source, "sizes": {}}
+    for winner, loser, paper_gap, source in PAIRS:
+        row: dict[str, Any] = {"pair": f"{winner} - {loser}", "paper_gap": paper_gap, "source": source, "sizes": {}}
         for metric in METRICS:
             points = []
             for name in order:
@@ -111,8 +119,8 @@ def analyse(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 row["sizes"].setdefault(name, {"steps": steps, "images": sizes[name]["train"]["subset"],
                                                "epochs": sizes[name]["train"]["epochs"]})
                 row["sizes"][name][metric] = {"mean": m, "std": s, "seeds": len(gaps), "values": gaps}
-                points.append((steps, m, s))
-            row[f"{metric}_trend"] = trend(points)
+                points.append((steps, m, s if len(gaps) > 1 else None))
+            row[f"{metric}_trend"] = trend(points, min(0.0, paper_gap))
         rows.append(row)
     return {"sizes": {n: {"folders": sizes[n]["folders"], "steps": training_steps(sizes[n]["train"]),
                           "images": sizes[n]["train"]["subset"], "epochs": sizes[n]["train"]["epochs"]}
@@ -129,7 +137,7 @@ def fmt_gap(cell: dict[str, Any] | None) -> str:
 
 def fmt_cross(t: dict[str, Any]) -> str:
     if t["cross_steps"] is None:
-        return "not heading to 0" if t["slope_per_decade"] is not None else "-"
+        return "-"
     steps = t["cross_steps"]
     if steps >= 1e9:
         return f"to {t['cross_to']} beyond 10^9 steps"
@@ -144,17 +152,24 @@ def markdown(result: dict[str, Any]) -> str:
     for metric, title in (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1 (pooled)")):
         lines += [f"**{title} gap, the papers' winner minus their loser** (negative: inverted here; each seed "
                   "against the same seed, mean ± std)", "",
-                  f"| pair | {head} | slope per decade of steps | trend | where the line reaches 0 "
-                  "(extrapolation) |",
-                  "|---|" + "---:|" * len(names) + "---:|---|---|"]
+                  f"| pair | papers' gap | {head} | slope per decade of steps | trend | the line at "
+                  f"{PAPER_STEPS:,} steps (extrapolation) | where the line reaches the papers' order: 0, or "
+                  "their gap where it is negative (extrapolation) |",
+                  "|---|---:|" + "---:|" * len(names) + "---:|---|---:|---|"]
         for row in result["pairs"]:
             t = row[f"{metric}_trend"]
             cells = " | ".join(fmt_gap(row["sizes"].get(n, {}).get(metric)) for n in names)
             slope = "-" if t["slope_per_decade"] is None else f"{t['slope_per_decade']:+.2f}"
-            lines.append(f"| {row['pair']} | {cells} | {slope} | {t['verdict']} | {fmt_cross(t)} |")
+            at_paper = "-" if t["at_paper_steps"] is None else f"{t['at_paper_steps']:+.1f}"
+            lines.append(f"| {row['pair']} | {row['paper_gap']:+.1f} | {cells} | {slope} | {t['verdict']} | {at_paper} "
+                         f"| {fmt_cross(t)} |")
         lines.append("")
-    lines.append("Papers' order: " + "; ".join(f"{r['pair'].replace(' - ', ' > ')} ({r['source']})"
-                                               for r in result["pairs"]) + ".")
+    lines.append(f"A one-seed size's spread is the largest of the other sizes' for the trend verdict. "
+                 f"{PAPER_STEPS:,} steps: METHODS.md's CIFAR-10 length (50,000 images, 200 epochs, batch 128), "
+                 "but with our ConvNet; the papers' networks are ResNet-18 / AlexNet.")
+    lines.append("")
+    lines.append("Papers' gaps (the papers' numbers, their networks and lengths): "
+                 + "; ".join(f"{r['pair']}: {r['source']}" for r in result["pairs"]) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -122,6 +122,7 @@ def test_scale_trend_pairs_seeds_fits_the_log_steps_line_and_finds_the_crossing(
     t = trend([(100, -4.0, 0.1), (1000, -2.0, 0.1)])
     assert t["slope_per_decade"] == pytest.approx(2.0) and t["cross_steps"] == pytest.approx(1e4)
     assert t["verdict"] == "narrows" and t["cross_to"] == "the papers' order"
+    assert trend([(100, -4.0, 0.1), (1000, -2.0, 0.1)], target=-1.0)["cross_steps"] == pytest.approx(10**3.5)
     assert trend([(100, 1.0, 0.5), (1000, -1.0, 0.5)])["verdict"] == "inverts"
     assert trend([(100, -1.0, 1.0), (1000, -1.5, 1.0)])["verdict"] == "holds (within the spread)"
 
