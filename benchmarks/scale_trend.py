@@ -191,6 +191,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                         capsize=3, label=row["pair"].replace(" - ", " − "))
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xticks([v["steps"] for v in result["sizes"].values()], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_xticklabels([f"{n}\n{v['images'] // 1000}k / {v['epochs']} ep\n{v['steps']:,}"
+                            for n, v in result["sizes"].items()], fontsize=8)
         ax.set_xlabel("training steps (batch 128)")
         ax.set_ylabel(f"{title} (points; < 0: inverted)")
         ax.set_title(title + ", papers' winner − loser")
