@@ -52,6 +52,12 @@ def cell(ms: tuple[float, float], digits: int) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
+def gain(value: float | None, spread: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" + (" (1 seed)" if spread is None else f" ± {spread:.2f}")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | " + " | ".join(f"{t}: shared | own recipe | own − shared" for _, t in METRICS)
              + " | kNN vs untrained: shared | own |", "|---|" + "---:|---:|---:|" * len(METRICS) + "---:|---:|"]
@@ -61,7 +67,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             d, digits = row[metric], 3 if metric == "nmi" else 2
             diff = "-" if d["diff"] is None else f"{d['diff'][0]:+.{digits}f} ± {d['diff'][1]:.{digits}f}"
             cells += [cell(d["shared"], digits), cell(d["own"], digits), diff]
-        cells += [f"{g[0]:+.2f} ± {g[1]:.2f}" if g[0] is not None else "-" for g in row["gain"].values()]
+        cells += [gain(*g) for g in row["gain"].values()]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
