@@ -18,17 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.finetune_table import mean_std
+from benchmarks.scale_trend import read_results, seed_gaps, seed_values
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("nmi", "NMI"))
-
-
-def methods(folder: str) -> dict[str, dict[str, Any]]:
-    summary = json.loads((Path(folder) / "results.json").read_text())
-    return {m["method"]: m for m in summary["methods"] if m.get("status") == "ok"}
-
-
-def per_seed(entry: dict[str, Any], metric: str) -> dict[int, float]:
-    return dict(zip(entry["seeds"], entry[f"{metric}_values"], strict=True))
 
 
 def compare(shared: dict[str, dict[str, Any]], own: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,10 +30,10 @@ def compare(shared: dict[str, dict[str, Any]], own: dict[str, dict[str, Any]]) -
             continue
         row: dict[str, Any] = {"method": name, "overrides": entry.get("overrides", {})}
         for metric, _ in METRICS:
-            a, b = per_seed(shared[name], metric), per_seed(entry, metric)
-            seeds = [s for s in sorted(b) if s in a]
-            row[metric] = {"shared": mean_std(list(a.values())), "own": mean_std(list(b.values())),
-                           "diff": mean_std([b[s] - a[s] for s in seeds]) if seeds else None, "seeds": seeds}
+            diffs = seed_gaps(entry, shared[name], metric)
+            row[metric] = {"shared": mean_std(list(seed_values(shared[name], metric).values())),
+                           "own": mean_std(list(seed_values(entry, metric).values())),
+                           "diff": mean_std(diffs) if diffs else None, "seeds": len(diffs)}
         row["gain"] = {"shared": (shared[name].get("knn_gain"), shared[name].get("knn_gain_spread")),
                        "own": (entry.get("knn_gain"), entry.get("knn_gain_spread"))}
         rows.append(row)
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--own", required=True)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    rows = compare(methods(args.shared), methods(args.own))
+    rows = compare(read_results(args.shared)[1], read_results(args.own)[1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe_table.json").write_text(json.dumps(rows, indent=1))

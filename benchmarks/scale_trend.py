@@ -40,16 +40,20 @@ EPOCHS_AT = 50  # the protocol's epochs at the medium and large sizes: images = 
 PAPER_STEPS = math.ceil(50_000 / 128) * 200  # METHODS.md's CIFAR-10 length: 50,000 images, 200 epochs
 
 
+def read_results(folder: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A ``benchmarks.run`` folder's results.json, and the methods in it that ran ok, by name."""
+    summary = json.loads((Path(folder) / "results.json").read_text())
+    return summary, {m["method"]: m for m in summary["methods"] if m.get("status") == "ok"}
+
+
 def read_size(folders: list[str]) -> dict[str, Any]:
     """Methods (later folders win), the profile's train keys, and the --set pairs each method ran with."""
     methods: dict[str, dict[str, Any]] = {}
     train: dict[str, Any] = {}
     for folder in folders:
-        summary = json.loads((Path(folder) / "results.json").read_text())
+        summary, ok = read_results(folder)
         train = train or summary["profile_train"]
-        for entry in summary["methods"]:
-            if entry.get("status") == "ok":
-                methods[entry["method"]] = {**entry, "sets": summary.get("sets", [])}
+        methods.update({name: {**entry, "sets": summary.get("sets", [])} for name, entry in ok.items()})
     return {"methods": methods, "train": train, "folders": folders}
 
 
@@ -63,12 +67,17 @@ def seed_values(entry: dict[str, Any], metric: str) -> dict[int, float]:
     return dict(zip(entry["seeds"], entry[f"{metric}_values"], strict=True))
 
 
+def seed_gaps(a: dict[str, Any], b: dict[str, Any], metric: str) -> list[float]:
+    """``a``'s ``metric`` minus ``b``'s, each seed against the same seed, over the seeds both ran."""
+    va, vb = seed_values(a, metric), seed_values(b, metric)
+    return [va[s] - vb[s] for s in sorted(va) if s in vb]
+
+
 def pair_gap(size: dict[str, Any], winner: str, loser: str, metric: str) -> list[float] | None:
     methods = size["methods"]
     if winner not in methods or loser not in methods:
         return None
-    a, b = seed_values(methods[winner], metric), seed_values(methods[loser], metric)
-    return [a[s] - b[s] for s in sorted(a) if s in b]
+    return seed_gaps(methods[winner], methods[loser], metric)
 
 
 def trend(points: list[tuple[int, float, float | None]], target: float = 0.0) -> dict[str, Any]:

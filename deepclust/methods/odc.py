@@ -77,12 +77,14 @@ class ODC(Method):
         self.change_steps = 0
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """The trainer's groups, with the classifier in a group of its own at ``head_momentum`` when set."""
+        groups = super().param_groups()
         if self.config.head_momentum is None:
-            return super().param_groups()
-        head = {id(p) for p in self.classifier.parameters()}
-        return [{"params": [p for p in self.parameters() if id(p) not in head], "scheduled": True},
-                {"params": list(self.classifier.parameters()), "scheduled": True,
-                 "momentum": self.config.head_momentum}]
+            return groups
+        head = list(self.classifier.parameters())
+        ids = {id(p) for p in head}
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in ids]
+        return [groups[0], {"params": head, "scheduled": True, "momentum": self.config.head_momentum}, *groups[1:]]
 
     @property
     def initialised(self) -> bool:
