@@ -2,14 +2,19 @@
 
 ``train``: config layers to train (``resume`` to continue; ``copy_at``: [epoch, step, folder] copies the run's
 folder as it stands after the checkpoint taken inside that epoch at that step, as a killed run leaves it);
+``odc_drift`` (in a train job): ODC with rank 1's centroid sums one ulp above rank 0's (as CUDA atomics can
+leave them), a small-cluster repair forced at every refresh (``labels_drift``: rank 1 repairs one more cluster
+than rank 0, as after labels drifted apart), and each rank's state saved after every epoch;
 ``kmeans``: a saved feature matrix to cluster, the result saved by rank 0. Not a test module itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +23,8 @@ from deepclust import distributed
 from deepclust import train as trainer
 from deepclust.cluster import kmeans
 from deepclust.config import resolve
+from deepclust.memory import MemoryBank
+from deepclust.methods import odc
 from deepclust.train import train
 
 
@@ -32,6 +39,43 @@ def copy_at(epoch: int, step: int, folder: str) -> None:
     trainer.save_checkpoint = save_and_copy
 
 
+@contextmanager
+def odc_drift(out: str, labels_drift: bool = False):
+    """Rank 1's ``class_sums`` one ulp up (float sums in another order); every repair forced by shrinking
+    cluster 0 (and on rank 1 with ``labels_drift`` cluster 2 too) to ``min_size`` members first; after each
+    epoch this rank's ODC state saved to ``out/rank{r}_epoch{e}.pt`` with how many repairs ran."""
+    class_sums, dissolve, after_epoch = MemoryBank.class_sums, odc.dissolve_small_clusters, odc.ODC.after_epoch
+    repairs = [0]
+
+    def nudged_sums(self, labels, k, *args, **kwargs):
+        sums, counts = class_sums(self, labels, k, *args, **kwargs)
+        if distributed.rank() == 1:
+            sums = torch.nextafter(sums, torch.full_like(sums, math.inf))
+        return sums, counts
+
+    def forced_repair(labels, rows_of, centroids, min_size, seed):
+        for small in (0, 2) if labels_drift and distributed.rank() == 1 else (0,):
+            members = torch.nonzero(labels == small).flatten()
+            labels[members[min_size:]] = 1  # the cluster keeps min_size members: small
+        changed = dissolve(labels, rows_of, centroids, min_size, seed)
+        repairs[0] += changed is not None
+        return changed
+
+    def saving_after_epoch(self, ctx):
+        stats = after_epoch(self, ctx)
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        torch.save({"state": state, "repairs": repairs[0]}, Path(out) / f"rank{distributed.rank()}_epoch{ctx.epoch}.pt")
+        return stats
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    MemoryBank.class_sums, odc.dissolve_small_clusters, odc.ODC.after_epoch = (nudged_sums, forced_repair,
+                                                                               saving_after_epoch)
+    try:
+        yield
+    finally:
+        MemoryBank.class_sums, odc.dissolve_small_clusters, odc.ODC.after_epoch = class_sums, dissolve, after_epoch
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     distributed.initialise(torch.device("cpu"))
@@ -40,7 +84,11 @@ def main(spec_path: str) -> None:
         save = trainer.save_checkpoint
         if "copy_at" in job:
             copy_at(*job["copy_at"])
-        train(cfg, hp, resume=job.get("resume", False))
+        if "odc_drift" in job:
+            with odc_drift(**job["odc_drift"]):
+                train(cfg, hp, resume=job.get("resume", False))
+        else:
+            train(cfg, hp, resume=job.get("resume", False))
         trainer.save_checkpoint = save
     if "kmeans" in spec:
         k = spec["kmeans"]

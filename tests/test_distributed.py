@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +40,21 @@ def layer(data: str, method: str, out: Path, **keys) -> dict:
             "eval_every": 0, "device": "cpu", **METHODS[method], **keys}  # gloo: the CPU, even on a GPU machine
 
 
-def torchrun(tmp_path: Path, nproc: int, spec: dict) -> None:
+def torchrun(tmp_path: Path, nproc: int, spec: dict, timeout: float = 600) -> None:
+    """The worker on ``spec`` under torchrun; a run past ``timeout`` (a hang) is killed with its workers."""
     path = tmp_path / f"spec{nproc}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(WORKER), str(path)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    with subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(WORKER), str(path)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: torchrun and the workers it started
+            proc.communicate()
+            pytest.fail(f"torchrun ran past {timeout} s (a hang)")
+    assert proc.returncode == 0, stderr[-4000:]
 
 
 def assert_same_state(a: dict, b: dict, what: str) -> None:
@@ -127,3 +135,23 @@ def test_checkpoint_inside_an_epoch_on_two_ranks_resumes_on_one_and_three(runs, 
                           load_checkpoint(tmp / run / "checkpoint.pt")["state"], run)
         assert [r["loss"] for r in read_rows(tmp / run)] == pytest.approx([r["loss"] for r in read_rows(one)],
                                                                            rel=1e-3)
+
+
+@pytest.mark.parametrize("labels_drift", [False, True], ids=["sums", "labels"])
+def test_odc_replicas_stay_bit_identical_when_one_ranks_centroid_sums_drift(tmp_path, labels_drift):
+    """CUDA's index_add_ may sum in another order on each rank: rank 1's centroid sums are nudged one ulp, a
+    small-cluster repair is forced at every refresh (each step), and after the epoch both replicas of ODC's
+    state (centroids, labels, weights, memory, parameters) must be bit-identical: rank 0's refresh wins.
+    ``labels``: rank 1 also has one more small cluster than rank 0 (labels that drifted apart), so the ranks
+    repair a different number of clusters: a repair that made collectives would hang (the timeout)."""
+    data = tiny_npz(tmp_path)
+    out = tmp_path / "states"
+    job = {"config": layer(data, "odc", tmp_path / "run", epochs=1, centroid_interval=1),
+           "odc_drift": {"out": str(out), "labels_drift": labels_drift}}
+    torchrun(tmp_path, 2, {"train": [job]}, timeout=300)
+    ranks = [torch.load(out / f"rank{r}_epoch0.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["repairs"] >= 3 and ranks[1]["repairs"] >= 3  # one repair at each of the 3 steps at least
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    differ = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differ, f"the replicas differ in {differ}"

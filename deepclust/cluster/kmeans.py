@@ -138,7 +138,7 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int | None = None,
-           n_init: int = 1) -> KMeansResult:
+           n_init: int = 1, shard: bool = True) -> KMeansResult:
     """Lloyd's k-means: up to ``iters`` assignment passes, empty clusters split after each; it stops early at
     a fixed point (a pass that changes no assignment would repeat itself exactly), e.g. PCP's k near N.
 
@@ -147,11 +147,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int |
     the returned assignments, and no cluster is empty. The assignment pass takes ``chunk`` rows a product:
     by default 1,024 on a CPU (they stay in cache), and on a GPU as many as fill a 256 MiB score matrix (a
     few launches a pass instead of N / 1,024).
+
+    Under torchrun every rank must call it with the same ``x``: each assigns its part of the rows and the
+    parts and sums are exchanged. ``shard=False`` makes no collective at all (each rank clusters all rows
+    itself), for a caller that some ranks may reach and others not, or with other rows (ODC's repair).
     """
     if chunk is None:
         chunk = 1024 if x.device.type == "cpu" else max(1024, 2**26 // (k + 1))
     if n_init > 1:
-        runs = [kmeans(x, k, iters, seed + i, chunk) for i in range(n_init)]
+        runs = [kmeans(x, k, iters, seed + i, chunk, shard=shard) for i in range(n_init)]
         return min(runs, key=lambda r: r.inertia)
     n = x.shape[0]
     check_cluster_count(k, n)
@@ -161,18 +165,22 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int |
     x_ones = with_ones(x)
     centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
     assignments = torch.zeros(n, dtype=torch.long, device=x.device)
-    part = local_part(n)  # under torchrun each rank assigns its part of the rows; sums are all-reduced
+    # under torchrun each rank assigns its part of the rows, and the sums are all-reduced
+    part = local_part(n) if shard else slice(0, n)
     previous, passes = None, 0
     for _ in range(max(1, iters)):
         passes += 1
-        assignments = gather_rows_at(assign(x_ones[part], centroids, chunk)[0], part_sizes(n))[0]
+        assignments = assign(x_ones[part], centroids, chunk)[0]
+        if shard:
+            assignments = gather_rows_at(assignments, part_sizes(n))[0]
         if previous is not None and torch.equal(assignments, previous):
             break  # the centroids are already these assignments' means (and none is empty)
         assignments = split_empty_clusters(x, centroids, assignments, gen)
         previous = assignments
         sums, counts = centroid_sums(x[part], assignments[part], k)
-        all_reduce_sum(sums)
-        all_reduce_sum(counts)
+        if shard:
+            all_reduce_sum(sums)
+            all_reduce_sum(counts)
         centroids = sums / counts.unsqueeze(1).to(x.dtype)
     inertia = float(((x - centroids[assignments]) ** 2).sum())
     return KMeansResult(centroids, assignments, inertia, passes)
@@ -180,8 +188,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, chunk: int |
 
 def split_in_two(x: torch.Tensor, seed: int, min_side: int) -> torch.Tensor:
     """A bool mask of one half of the rows of ``x``: 2-means, or a median cut along the 2-means axis when
-    2-means leaves a side with ``min_side`` members or fewer."""
-    result = kmeans(x, 2, iters=10, seed=seed)
+    2-means leaves a side with ``min_side`` members or fewer. No collective: under torchrun ranks may call it
+    a different number of times (see ``dissolve_small_clusters``)."""
+    result = kmeans(x, 2, iters=10, seed=seed, shard=False)
     side = result.assignments == 1
     if min_side < int(side.sum()) < x.shape[0] - min_side:
         return side
@@ -200,7 +209,10 @@ def dissolve_small_clusters(labels: torch.Tensor, rows_of, centroids: torch.Tens
     """ODC's repair, in place on ``labels``: clusters of ``min_size`` members or fewer are dissolved into the
     nearest normal ones (by ``centroids``), then each freed id takes one half of the then-largest cluster
     (2-means on ``rows_of(member ids)``). Ids stay 0..k-1 and none ends up small or empty. Returns the mask
-    of clusters whose members changed (their centroids are stale), or None when nothing was small."""
+    of clusters whose members changed (their centroids are stale), or None when nothing was small.
+
+    It makes no collective, so that replicas whose labels have drifted apart cannot hang in it; a caller under
+    torchrun broadcasts one rank's result (ODC's ``refresh``)."""
     k = centroids.shape[0]
     counts = torch.bincount(labels, minlength=k)
     small = torch.nonzero(counts <= min_size).flatten()

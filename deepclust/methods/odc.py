@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..cluster import class_weights, cluster_count, dissolve_small_clusters, kmeans, nearest_centroid, size_stats
-from ..distributed import gather_batch_rows
+from ..distributed import broadcast_, gather_batch_rows
 from ..eval.clustering import nmi
 from ..memory import MemoryBank
 from ..runtime import allow_sync
@@ -137,8 +137,8 @@ class ODC(Method):
         self.memory.update(index, outputs["neck"])
         old = self.labels[index]
         new, _ = nearest_centroid(self.memory.rows(index), self.centroids)
-        self.touched[old] = True
-        self.touched[new] = True
+        # index_fill_ takes the scalar as is; touched[old] = True would upload a 0-dim CPU tensor every step
+        self.touched.index_fill_(0, old, True).index_fill_(0, new, True)
         self.labels[index] = new
         self.change_sum = self.change_sum + (old != new).float().mean()
         self.change_steps += 1
@@ -150,10 +150,15 @@ class ODC(Method):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Every ``centroid_interval`` steps: touched centroids, small clusters, loss weights."""
+        """Every ``centroid_interval`` steps: touched centroids, small clusters, loss weights.
+
+        Under torchrun every rank computes this on its replica, and rank 0's result then overwrites all: the
+        centroid sums (index_add_, atomics on a GPU) may differ in the last bits between ranks, hence the nearest
+        labels and the small clusters; the repair makes no collective, and the broadcast undoes the drift."""
         self.update_centroids()
         self.deal_with_small_clusters(self.host_step)
         self.weights.copy_(class_weights(self.labels, self.config.k))
+        broadcast_([self.centroids, self.labels, self.weights])
 
     @torch.no_grad()
     def update_centroids(self, which: torch.Tensor | None = None) -> None:
