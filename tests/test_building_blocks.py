@@ -277,6 +277,32 @@ def test_split_empty_clusters_directly():
     assert new.tolist() != assignments.tolist()
 
 
+@pytest.mark.parametrize("points", ["distinct", "identical"])
+def test_split_empty_clusters_fills_thousands_in_few_rounds(points, monkeypatch):
+    """k near N with all rows in 3 clusters: every empty cluster filled, rows only move into the formerly empty
+    ones, the same result for the same seed, and the donors drawn in about log2(k) rounds (one torch.multinomial
+    each; uneven halves of small clusters make it up to ~2 log2(k) for distinct points), where a loop per empty
+    cluster draws ~2,000 times."""
+    n, k = 2000, 1990
+    x = torch.randn(n, 6, generator=gen(4)) if points == "distinct" else torch.ones(n, 6)
+    assignments = torch.arange(n) % 3
+    draws = []
+    multinomial = torch.multinomial
+
+    def counted(*args, **kwargs):
+        draws.append(1)
+        return multinomial(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", counted)
+    results = [split_empty_clusters(x, torch.randn(k, 6, generator=gen(5)), assignments, gen(6)) for _ in range(2)]
+    assert torch.equal(results[0], results[1])
+    repaired = results[0]
+    counts = torch.bincount(repaired, minlength=k)
+    assert counts.numel() == k and int(counts.min()) >= 1 and int(counts.sum()) == n
+    assert ((repaired == assignments) | (repaired >= 3)).all()  # members only move into the empty clusters
+    assert len(draws) <= 2 * 3 * math.ceil(math.log2(k))  # both calls: at most 33 rounds each (18 measured)
+
+
 def test_kmeans_more_clusters_than_samples():
     with pytest.raises(ClusteringError, match="k = 11 clusters but only 10 samples"):
         kmeans(torch.randn(10, 3), 11)

@@ -107,33 +107,49 @@ def split_empty_clusters(x: torch.Tensor, centroids: torch.Tensor, assignments: 
                          gen: torch.Generator, eps: float = 1e-4) -> torch.Tensor:
     """Give every empty cluster half of a non-empty one (DeepCluster's repair).
 
-    For each empty cluster e: pick a donor d with more than one member (probability proportional to
-    its size), set c_e and c_d to perturbed copies of c_d, and reassign d's members between the two.
-    If the members cannot be told apart (duplicates), half of them move. Edits ``centroids`` in place;
-    returns the new assignments.
+    An empty cluster e takes a donor d with more than one member (probability proportional to its size
+    less one), c_e and c_d become perturbed copies of c_d, and d's members go to the nearer of the two. If
+    they cannot be told apart (duplicates), a random half moves. Done in rounds, each pairing as many empty
+    clusters as there are donors (distinct donors, drawn without replacement) with whole-tensor operations:
+    the donors double each round, so k empty clusters take about log2(k) rounds, not a Python step each
+    (PCP's first epoch clusters with k = N). Edits ``centroids`` in place; returns the new assignments.
     """
-    k = centroids.shape[0]
+    k, d = centroids.shape
     counts = torch.bincount(assignments, minlength=k)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if not empty:
+    empty = torch.nonzero(counts == 0).flatten()
+    if empty.numel() == 0:
         return assignments
     check_cluster_count(k, x.shape[0])
     assignments = assignments.clone()
-    for e in empty:
-        weights = (counts - 1).clamp(min=0).float()
-        d = int(torch.multinomial(weights.cpu(), 1, generator=gen))
-        members = torch.nonzero(assignments == d).flatten()
-        noise = eps * torch.randn(centroids.shape[1], generator=gen).to(centroids)
-        centroids[e] = centroids[d] + noise
-        centroids[d] = centroids[d] - noise
-        pair = centroids[[d, e]]
-        side, _ = nearest_centroid(x[members], pair)
-        if side.all() or not side.any():  # identical points: split by position instead
-            side = torch.zeros_like(side)
-            side[torch.randperm(members.numel(), generator=gen)[: members.numel() // 2].to(side.device)] = 1
-        moved = members[side == 1]
-        assignments[moved] = e
-        counts[e], counts[d] = moved.numel(), members.numel() - moved.numel()
+    device = assignments.device
+    while empty.numel():
+        # the draws on the CPU generator (a seed gives the same repair on any device); one copy of k sizes a round
+        weights = (counts - 1).clamp(min=0).float().cpu()
+        m = min(empty.numel(), int((weights > 0).sum()))
+        donors = torch.multinomial(weights, m, replacement=False, generator=gen).to(device)
+        targets, empty = empty[:m], empty[m:]
+        noise = (eps * torch.randn(m, d, generator=gen)).to(centroids)
+        centroids[targets] = centroids[donors] + noise
+        centroids[donors] = centroids[donors] - noise
+        pair_of = torch.full((k,), -1, dtype=torch.long, device=device)
+        pair_of[donors] = torch.arange(m, device=device)
+        members = torch.nonzero(pair_of[assignments] >= 0).flatten()  # every donor's members, any order
+        pair = pair_of[assignments[members]]
+        rows = x[members].to(centroids.dtype)
+        side = ((rows - centroids[targets[pair]]) ** 2).sum(1) < ((rows - centroids[donors[pair]]) ** 2).sum(1)
+        size = counts[donors]
+        moved = torch.bincount(pair, weights=side.to(torch.float64), minlength=m)
+        one_sided = (moved == 0) | (moved == size)
+        if bool(one_sided.any()):  # identical points: a random half of the pair's members moves instead
+            key = torch.rand(members.numel(), generator=gen).to(device)
+            by_pair = torch.argsort(key)
+            by_pair = by_pair[torch.argsort(pair[by_pair], stable=True)]  # grouped by pair, random within
+            first = torch.cumsum(size, 0) - size  # where each pair's members start in by_pair
+            place = torch.empty_like(by_pair)
+            place[by_pair] = torch.arange(members.numel(), device=device) - first[pair[by_pair]]
+            side = torch.where(one_sided[pair], place < size[pair] // 2, side)
+        assignments[members[side]] = targets[pair[side]]
+        counts = torch.bincount(assignments, minlength=k)
     return assignments
 
 
