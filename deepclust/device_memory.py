@@ -12,6 +12,7 @@ import torch
 from .backbones import Backbone
 from .config import ConfigError
 from .methods.base import Method
+from .runtime import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,30 @@ def check_device_memory(plan: MemoryPlan, device: torch.device, free: int | None
                     plan.without_images / GiB, device, free / GiB)
         return False
     return True
+
+
+HOST_OVERHEAD = GiB // 2  # the allocator's slack, the libraries' working memory, a DataLoader's batches
+
+
+def check_host_memory(plan: MemoryPlan, views: int, batch_size: int, image_size: int, images_resident: bool,
+                      free: int | None = None) -> None:
+    """For a run on the CPU, where the OOM killer ends a run that outgrows memory without a word or a
+    checkpoint: raise ConfigError, naming the parts and the fixes, when the plan (the GPU's, whose activations
+    measured 0.5-1.0x a CPU step's peak) plus the augmented float32 views (made and normalised: 2 copies) does
+    not fit in ``runtime.available_memory()`` (cgroup limits included). The training images are already decoded
+    when this runs, so the memory available has them taken off; they are named, not added."""
+    free = available_memory() if free is None else free
+    if free is None:
+        return
+    parts = {**plan.parts, "augmented views": 2 * views * batch_size * 3 * image_size**2 * 4}
+    need = sum(parts.values()) + HOST_OVERHEAD
+    if need <= free:
+        return
+    described = ", ".join(f"{name} {b / GiB:.2f}" for name, b in parts.items())
+    held = f"; the images ({plan.images / GiB:.2f} GiB) are already in memory" if images_resident else ""
+    raise ConfigError(
+        f"this run needs about {need / GiB:.1f} GiB of memory on the CPU ({described} GiB, plus "
+        f"{HOST_OVERHEAD / GiB:.1f} GiB of working memory){held}, but {free / GiB:.1f} GiB are available; it would "
+        f"be killed for lack of memory. Lower image_size (now {image_size}: a step's activations grow with its "
+        f"square) or batch_size (now {batch_size}); for images that do not fit, decode them once into a cache "
+        f"read from disk: `deepclust prepare SOURCE --out CACHE --size S`, then --data CACHE")

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, as_dict
 from .data import ImageData, load_train_test
-from .device_memory import check_device_memory, plan_training_memory
+from .device_memory import check_device_memory, check_host_memory, plan_training_memory
 from .epoch import (
     batch_bounds,
     epoch_batches,
@@ -161,7 +161,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     where = f"the CPU with {threads} torch thread(s)" if device.type == "cpu" else str(device)
     log.info("training on %s, %s", where, "bf16 autocast" if amp else "float32")
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
-                                 cfg.test_subset, cfg.subset_imbalance)
+                                 cfg.test_subset, cfg.subset_imbalance, backbone=cfg.backbone)
     if payload is not None and payload["num_samples"] != len(data):
         raise CheckpointError(f"{ckpt_path} was trained on {payload['num_samples']} samples, --data has "
                               f"{len(data)}; resume with the same data")
@@ -173,9 +173,11 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         init_backbone(backbone, cfg.init, backbone_spec(cfg), data.image_size)
     method = method_cls(backbone, len(data), hparams, labels=data.labels if method_cls.uses_labels else None)
     images_fit = True
+    plan = plan_training_memory(method, len(data), data.image_size, cfg.batch_size, amp is not None)
     if device.type == "cuda":  # before anything is copied there
-        plan = plan_training_memory(method, len(data), data.image_size, cfg.batch_size, amp is not None)
         images_fit = check_device_memory(plan, device)
+    else:  # before the first step: a run that outgrows memory is killed without a word
+        check_host_memory(plan, method.views, cfg.batch_size, data.image_size, torch.is_tensor(data.images))
     if world > 1:  # BatchNorm statistics over the global batch, as one process would compute them
         distributed.global_batchnorm(method)
     method.to(device)

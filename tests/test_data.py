@@ -113,7 +113,7 @@ def test_npz_bad_contents(tmp_path, arrays, message):
 
 def test_image_folder_mixed_formats_sizes_and_modes(tmp_path):
     root = tmp_path / "train"
-    # class "a": the first file sets the size: 12 x 20 (h x w) -> shorter side 12.
+    # class "a": 12 x 20 (h x w), trained at its shorter side 12 (the median of 12, 24, 18, 16 would be 16).
     wide = np.zeros((12, 20, 3), np.uint8)
     wide[:, :4] = (255, 0, 0)
     wide[:, 4:16] = (0, 200, 0)  # the central 12 columns survive the centre crop
@@ -124,7 +124,8 @@ def test_image_folder_mixed_formats_sizes_and_modes(tmp_path):
     rgba = solid(30, 18, (10, 20, 30, 128))
     save_image(root / "b" / "0_rgba.png", rgba, mode="RGBA")
     save_image(root / "b" / "1_solid.jpg", solid(16, 40, (200, 100, 50)))
-    data = load_data(str(root))
+    assert load_data(str(root)).image_size == 16  # the lower median of the shorter sides
+    data = load_data(str(root), image_size=12)
     assert data.images.shape == (4, 3, 12, 12)
     assert data.images.dtype == torch.uint8
     assert data.labels.tolist() == [0, 0, 1, 1]

@@ -32,16 +32,18 @@ from ..data import (
     CACHE_PIXELS,
     CACHE_VERSION,
     DataError,
-    decode_images,
+    Decoder,
     is_cache,
     labels_tensor,
     list_image_folder,
     load_data,
+    log_report,
     parse_spec,
     read_npy_header,
     square_uint8,
     to_nchw_uint8,
 )
+from ..data.decode import decode_workers
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,11 @@ class Chunks:
     size: int
     bad_images: str
     chunk: int
+    workers: int | None = None  # decoding processes of a folder (None: one per core)
     total: int | None = None
     classes: list[str] | None = None
     skipped: list[str] = field(default_factory=list)
+    decoding: dict[str, int] = field(default_factory=dict)  # a folder's files skipped or converted, by kind
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, list[int] | None, list[str] | None]]:
         kind, root, split = parse_spec(self.spec, self.split)
@@ -75,14 +79,17 @@ class Chunks:
                 yield square_uint8(data.images[start:start + self.chunk], self.size), labels, paths
 
     def folder(self, root: Path):
+        """A chunk of files at a time, decoded by one pool of workers kept for the whole folder."""
         files, labels, self.classes = list_image_folder(root)
         self.total = len(files)
-        for start in range(0, len(files), self.chunk):
-            part = files[start:start + self.chunk]
-            images, kept, skipped = decode_images(part, self.size, self.bad_images, allow_none=True)
-            self.skipped += skipped
-            yield (images, None if labels is None else [labels[start + i] for i in kept],
-                   [part[i].relative_to(root).as_posix() for i in kept])
+        with Decoder(self.size, self.bad_images, decode_workers(self.workers, len(files))) as decoder:
+            for start in range(0, len(files), self.chunk):
+                part = files[start:start + self.chunk]
+                images, kept = decoder.decode(part)
+                yield (images, None if labels is None else [labels[start + i] for i in kept],
+                       [part[i].relative_to(root).as_posix() for i in kept])
+        self.skipped, self.decoding = decoder.report.skipped, dict(decoder.report.counts)
+        log_report(decoder.report)
 
     def npz(self, path: Path):
         """Rows of the npz's 'images' streamed from the archive (an npz member cannot be memory-mapped)."""
@@ -125,9 +132,11 @@ def stream_rows(f, shape: tuple[int, ...], dtype: np.dtype, chunk: int) -> Itera
 
 
 def prepare_cache(spec: str, out: Path, size: int, split: str = "train", bad_images: str = "fail",
-                  chunk: int = 2048) -> dict:
+                  chunk: int = 2048, workers: int | None = None) -> dict:
     """Write the cache of ``spec`` (any source ``load_data`` reads) at ``size`` x ``size`` into ``out``; returns
-    its header. ``bad_images`` as for training: fail, or skip (counted in the header, listed in files.json)."""
+    its header. ``bad_images`` as for training: fail, or skip (counted in the header, by kind, and listed in
+    files.json). A folder is decoded by ``workers`` processes (None: one per core), the same bytes whatever
+    their number."""
     if bad_images not in ("fail", "skip"):
         raise DataError(f"bad_images must be 'fail' or 'skip', not {bad_images!r}")
     if size < 1 or chunk < 1:
@@ -137,7 +146,7 @@ def prepare_cache(spec: str, out: Path, size: int, split: str = "train", bad_ima
         raise DataError(f"{out} exists; give a new --out (a cache is never overwritten in place) or delete it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    source = Chunks(spec, split, size, bad_images, chunk)
+    source = Chunks(spec, split, size, bad_images, chunk, workers)
     n, labels, paths = 0, [], []
     try:
         with open(tmp / CACHE_PIXELS, "wb") as f, tqdm(desc=f"preparing {out}", unit="img", mininterval=2) as bar:
@@ -152,14 +161,15 @@ def prepare_cache(spec: str, out: Path, size: int, split: str = "train", bad_ima
             os.fsync(f.fileno())
         if n == 0:
             raise DataError(f"none of the images of {spec} could be read (first: {source.skipped[:1]})")
-        if source.skipped:
+        if source.skipped and not source.decoding:  # a folder's were logged by kind as it finished
             log.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
         if labels:
             np.save(tmp / CACHE_LABELS, np.asarray(labels, dtype=np.int64))
         (tmp / CACHE_FILES).write_text(json.dumps({"paths": paths or None, "skipped": source.skipped}))
         header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "num_images": n, "image_size": size,
                   "layout": "N x 3 x S x S uint8, row-major, one record per image", "source": spec, "split": split,
-                  "bad_images": bad_images, "skipped": len(source.skipped), "labelled": bool(labels),
+                  "bad_images": bad_images, "skipped": len(source.skipped), "decoding": source.decoding,
+                  "labelled": bool(labels),
                   "classes": source.classes}
         with open(tmp / CACHE_HEADER, "w") as f:
             json.dump(header, f, indent=1)
@@ -174,7 +184,8 @@ def prepare_cache(spec: str, out: Path, size: int, split: str = "train", bad_ima
 
 
 def run(args: argparse.Namespace) -> int:
-    header = prepare_cache(args.data, Path(args.out), args.size, args.split, args.bad_images, args.chunk)
+    header = prepare_cache(args.data, Path(args.out), args.size, args.split, args.bad_images, args.chunk,
+                           args.workers)
     n, size = header["num_images"], header["image_size"]
     skipped = f", {header['skipped']} unreadable image(s) skipped" if header["skipped"] else ""
     gib = n * 3 * size * size / 2**30
@@ -187,12 +198,17 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode a dataset once into a cache on disk (for data bigger than memory)",
-                       description="Decode DATA (any --data source) a chunk at a time, resize every image to SIZE x "
-                       "SIZE (shorter side, centre crop) and write a cache folder that --data CACHE reads from disk "
-                       "by index, never holding the whole set in memory.")
+                       description="Decode DATA (any --data source) a chunk at a time (a folder on every core, "
+                       "each photo upright by its EXIF orientation), resize every image to SIZE x SIZE (shorter side, "
+                       "centre crop) and write a cache folder that --data CACHE reads from disk by index, never "
+                       "holding the whole set in memory.")
     p.add_argument("data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] | CACHE")
     p.add_argument("--out", required=True, help="the cache folder to create (must not exist)")
     p.add_argument("--size", type=int, required=True, help="image side in pixels")
     p.add_argument("--split", default="train", help="split of digits / torchvision sources")
-    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
+                   help="an unreadable, non-image or oversized file: fail naming it, or skip it (counted by kind)")
     p.add_argument("--chunk", type=int, default=2048, help="images decoded and held at a time")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding a folder's files (default: one per core; the cache is the same bytes "
+                        "whatever the number)")

@@ -12,7 +12,8 @@ Sources (one ``--data`` string):
 Labels are only ever used for evaluation (and by the ``supervised`` reference method).
 
 One module per part: ``images`` (ImageData, DiskImages, DataError), ``pixels`` (uint8 layout, squaring, the
-memory check), ``digits``, ``folder``, ``npz``, ``torchvision_sources``, ``cache`` (prepared caches) and
+memory check), ``decode`` (files to pixels: orientation, DCT scaling, a process pool, odd files by kind),
+``digits``, ``folder`` (listing, the default size), ``npz``, ``torchvision_sources``, ``cache`` (prepared caches) and
 ``subsets``; this module parses a ``--data`` string and dispatches to them.
 """
 
@@ -32,8 +33,17 @@ from .cache import (
     load_cache,
     read_cache_header,
 )
+from .decode import Decoder, DecodeReport, decode_file
 from .digits import load_digits
-from .folder import IMAGE_EXTENSIONS, decode_images, list_image_folder, load_folder
+from .folder import (
+    IMAGE_EXTENSIONS,
+    decode_images,
+    default_image_size,
+    list_image_folder,
+    load_folder,
+    log_report,
+    natural_size,
+)
 from .images import DataError, DiskImages, ImageData, IndexedImages
 from .npz import load_npz, npz_images_shape, read_npy_header
 from .pixels import check_memory, labels_tensor, square_uint8, to_nchw_uint8
@@ -42,11 +52,11 @@ from .torchvision_sources import SPLITS, TORCHVISION_SOURCES, load_torchvision
 
 __all__ = [
     "CACHE_FILES", "CACHE_FORMAT", "CACHE_HEADER", "CACHE_LABELS", "CACHE_PIXELS", "CACHE_VERSION",
-    "IMAGE_EXTENSIONS", "SPLITS", "TORCHVISION_SOURCES",
-    "DataError", "DiskImages", "ImageData", "IndexedImages",
-    "check_memory", "decode_images", "default_test_spec", "is_cache", "labels_tensor", "list_image_folder",
-    "load_cache", "load_data", "load_digits", "load_folder", "load_npz", "load_torchvision", "load_train_test",
-    "long_tail_counts", "long_tail_subset", "npz_images_shape", "parse_spec", "random_subset", "read_cache_header",
+    "IMAGE_EXTENSIONS", "SPLITS", "TORCHVISION_SOURCES", "DataError", "Decoder", "DecodeReport", "DiskImages",
+    "ImageData", "IndexedImages", "check_memory", "decode_file", "decode_images", "default_image_size",
+    "default_test_spec", "is_cache", "labels_tensor", "list_image_folder", "load_cache", "load_data", "load_digits",
+    "load_folder", "load_npz", "load_torchvision", "load_train_test", "log_report", "long_tail_counts",
+    "long_tail_subset", "natural_size", "npz_images_shape", "parse_spec", "random_subset", "read_cache_header",
     "read_npy_header", "square_uint8", "to_nchw_uint8",
 ]
 
@@ -79,11 +89,15 @@ def load_data(
     subset: int | None = None,
     subset_seed: int = 0,
     subset_imbalance: float | None = None,
+    backbone: str | None = None,
+    workers: int | None = None,
 ) -> ImageData:
     """Load any supported source as an in-memory ``ImageData``; see the module docstring.
 
     ``subset`` keeps a fixed random subset; ``subset_imbalance`` then a long-tailed one (``long_tail_subset``,
-    ODC's protocol with ratio 64).
+    ODC's protocol with ratio 64). Without ``image_size`` a source keeps its own size; a folder, whose files may
+    differ, gets their median shorter side capped at ``backbone``'s natural input (``default_image_size``).
+    A folder is decoded by ``workers`` processes (None: one per core).
     """
     if bad_images not in ("fail", "skip"):
         raise DataError(f"bad_images must be 'fail' or 'skip', not {bad_images!r}")
@@ -95,7 +109,7 @@ def load_data(
     elif kind == "folder" and Path(root).is_dir() and is_cache(Path(root)):
         data = load_cache(Path(root), image_size)
     elif kind == "folder":
-        data = load_folder(Path(root), image_size, bad_images, subset, subset_seed)
+        data = load_folder(Path(root), image_size, bad_images, subset, subset_seed, backbone, workers)
         subset = None  # done before decoding, by load_folder: cheaper
     else:
         data = load_torchvision(kind, root, split)
@@ -128,11 +142,13 @@ def default_test_spec(spec: str) -> str | None:
 
 def load_train_test(spec: str, test_spec: str | None = None, image_size: int | None = None, bad_images: str = "fail",
                     subset: int | None = None, test_subset: int | None = None,
-                    subset_imbalance: float | None = None) -> tuple[ImageData, ImageData | None]:
+                    subset_imbalance: float | None = None,
+                    backbone: str | None = None) -> tuple[ImageData, ImageData | None]:
     """A training source and its test data (``test_spec``, else the split that belongs with ``spec``, else
     None), the test images at the training images' size. ``subset_imbalance`` applies to the training
-    images only: the test set stays balanced."""
-    train = load_data(spec, "train", image_size, bad_images, subset, subset_imbalance=subset_imbalance)
+    images only: the test set stays balanced. ``backbone`` caps a folder's default size (``load_data``)."""
+    train = load_data(spec, "train", image_size, bad_images, subset, subset_imbalance=subset_imbalance,
+                      backbone=backbone)
     test_spec = test_spec or default_test_spec(spec)
     test = load_data(test_spec, "test", image_size or train.image_size, bad_images, test_subset) if test_spec else None
     return train, test

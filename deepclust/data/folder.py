@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decode import Decoder, DecodeReport
 from .images import DataError, ImageData
 from .pixels import check_memory
 from .torchvision_sources import TORCHVISION_SOURCES
@@ -21,9 +22,17 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
     """Files and labels of an ImageFolder; a folder holding images directly is unlabelled."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    ignored: list[Path] = []
+
     def images_in(folder: Path, recursive: bool) -> list[Path]:
-        it = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = [p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file()]
+        ignored.extend(p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def say_ignored() -> None:  # a notes.txt among the photos is left out, and said so once
+        if ignored:
+            log.info("left out %d file(s) in %s whose names are not an image's (%s, ...), e.g. %s", len(ignored),
+                     root, ", ".join(IMAGE_EXTENSIONS[:4]), sorted(ignored)[0].name)
 
     direct = images_in(root, recursive=False)
     if direct or not subdirs:
@@ -32,6 +41,7 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
                 f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) and no class "
                 "subfolders; point --data at a folder of images or of class subfolders"
             )
+        say_ignored()
         return direct, None, None
     files, labels, classes = [], [], []
     for subdir in subdirs:
@@ -45,75 +55,91 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[st
             f"folder {root} has subfolders ({', '.join(d.name for d in subdirs[:5])}) but no images in "
             "them; point --data at a folder of images or of class subfolders"
         )
+    say_ignored()
     return files, labels, classes
 
 
+# The input each backbone was designed for: a folder's default image size is capped here, so that one folder of
+# large photos does not make a 32 px network train on 900 px images (issue: the OOM killer ended such a run).
+NATURAL_SIZES = {"convnet": 32, "resnet18_cifar": 32}
+IMAGENET_SIZE = 224  # every other backbone has an ImageNet stem (or is built for one)
+HEADER_SAMPLE = 2000  # a folder of more files has its sizes read from this many, spread evenly
 
-def decode_images(files: list[Path], size: int | None, bad_images: str,
-                  allow_none: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode to RGB, shorter side resized to ``size`` (default: the first image's), centre-cropped.
+
+def natural_size(backbone: str) -> int:
+    return NATURAL_SIZES.get(backbone, IMAGENET_SIZE)
+
+
+def shorter_sides(files: list[Path], sample: int = HEADER_SAMPLE) -> tuple[list[int], int]:
+    """The shorter side of each file (or of ``sample`` files spread evenly over a larger folder), read from
+    headers only; unreadable files are left out (decoding names them). Returns (sides, files read)."""
+    from PIL import Image
+
+    picked = files if len(files) <= sample else [files[i] for i in np.linspace(0, len(files) - 1, sample).astype(int)]
+    sides = []
+    for path in picked:
+        try:
+            with Image.open(path) as img:  # parses the header; no pixels decoded
+                sides.append(min(img.size))
+        except Exception:  # noqa: BLE001 - PIL raises many types; decode_images reports the file by kind
+            continue
+    return sides, len(picked)
+
+
+def default_image_size(files: list[Path], backbone: str | None, what: str) -> int | None:
+    """The image size a folder gets when none is given: the median shorter side of its images (from headers),
+    capped at ``backbone``'s natural input (``natural_size``); logged with the range found and the key that
+    changes it, and a warning, once, when the sizes vary widely. None when no header could be read."""
+    sides, read = shorter_sides(files)
+    if not sides:
+        return None
+    sides.sort()
+    median = sides[(len(sides) - 1) // 2]  # the lower median: a size some image really has
+    size, capped = median, ""
+    if backbone is not None and median > natural_size(backbone):
+        size, capped = natural_size(backbone), f", capped at {backbone}'s natural input of {natural_size(backbone)} px"
+    sampled = f" (a sample of {read} of {len(files)})" if read < len(files) else ""
+    log.info("image size %d: the median shorter side of %d images%s in %s is %d px (range %d-%d px)%s; set "
+             "image_size=N to choose another", size, len(sides), sampled, what, median, sides[0], sides[-1], capped)
+    low, high = sides[len(sides) // 10], sides[-1 - len(sides) // 10]
+    if sides[-1] > 2 * sides[0]:
+        log.warning("the images in %s vary widely in size (shorter sides %d-%d px, 80%% within %d-%d px): every one "
+                    "is resized to %d px; set image_size=N for another size", what, sides[0], sides[-1], low, high,
+                    size)
+    return size
+
+
+def decode_images(files: list[Path], size: int | None, bad_images: str, allow_none: bool = False,
+                  workers: int | None = None, backbone: str | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Decode to RGB, upright, shorter side resized to ``size`` (default: ``default_image_size``), centre-cropped.
 
     The memory the decoded set needs is checked first; images over PIL's decompression-bomb limit are refused.
-    With ``allow_none`` (one chunk of many, ``size`` given) a chunk of only skipped images is empty, not an error.
-    """
-    from PIL import Image
-    from tqdm import tqdm
-
-    if size is None:
-        try:
-            with Image.open(files[0]) as first:  # reads the header only
-                size = min(first.size)
-        except Exception:  # the loop below reports it (or skips it)
-            pass
-    if size is not None:
-        check_memory(len(files), size, f"{files[0].parent}")
-    out, kept, skipped = [], [], []
-    for i, path in enumerate(tqdm(files, desc="decoding images", leave=False, mininterval=2)):
-        try:
-            with Image.open(path) as img:
-                if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale, don't clip
-                    wide = np.asarray(img, dtype=np.float64)
-                    top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(wide.max()))
-                    img = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-                rgb = img.convert("RGB")
-        except Image.DecompressionBombError as err:
-            if bad_images == "fail":
-                raise DataError(f"refused image {path}: {err} Downscale it if it is genuine, or pass "
-                                "bad_images=skip to skip such images") from err
-            skipped.append(str(path))
-            continue
-        except Exception as err:  # PIL raises many types for corrupt files
-            if bad_images == "fail":
-                raise DataError(
-                    f"cannot read image {path}: {err}. Fix or remove it, or pass bad_images=skip "
-                    "to skip unreadable images (they are counted and logged)"
-                ) from err
-            skipped.append(str(path))
-            continue
-        if size is None:
-            size = min(rgb.size)
-        w, h = rgb.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            rgb = rgb.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            rgb = rgb.crop((left, top, left + size, top + size))
-        out.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
-        kept.append(i)
-    if skipped:
-        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
-    if not out and allow_none and size is not None:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8), kept, skipped
-    if not out:
-        raise DataError(f"none of the {len(files)} images could be read (first: {skipped[0]})")
-    return torch.stack(out), kept, skipped
+    ``workers`` decoding processes (None: one per core). With ``allow_none`` (one chunk of many, ``size`` given) a
+    chunk of only skipped images is empty, not an error. What was skipped or converted is logged by kind."""
+    what = str(files[0].parent) if files else "the folder"
+    # not one header could be read: every file is bad, and decoding says how
+    size = size or default_image_size(files, backbone, what) or (natural_size(backbone) if backbone else 32)
+    check_memory(len(files), size, what)
+    with Decoder(size, bad_images, workers) as decoder:
+        images, kept = decoder.decode(files)
+    log_report(decoder.report)
+    if not kept and not allow_none:
+        raise DataError(f"none of the {len(files)} images could be read ({decoder.report.summary()})")
+    return images, kept, decoder.report.skipped
 
 
-def load_folder(path: Path, image_size: int | None, bad_images: str, subset: int | None,
-                subset_seed: int) -> ImageData:
+def log_report(report: DecodeReport) -> None:
+    """One warning for skipped files, one line for converted ones; each kind counted."""
+    if report.skipped:
+        log.warning("%s", report.summary())
+    elif report.counts:
+        log.info("%s", report.summary())
+
+
+def load_folder(path: Path, image_size: int | None, bad_images: str, subset: int | None, subset_seed: int,
+                backbone: str | None = None, workers: int | None = None) -> ImageData:
     """A folder of images as ImageData; ``subset`` (a fixed random subset, ``subset_seed``) is picked before
-    decoding."""
+    decoding. Without ``image_size``, ``default_image_size`` for ``backbone`` chooses it."""
     if not path.exists():
         raise DataError(f"no folder {path}; give an ImageFolder directory, a deepclust prepare cache, a .npz file, "
                         f"'digits', or NAME:ROOT with NAME in {', '.join(TORCHVISION_SOURCES)}")
@@ -125,7 +151,14 @@ def load_folder(path: Path, image_size: int | None, bad_images: str, subset: int
         pick = pick.sort().values.tolist()
         files = [files[i] for i in pick]
         labels = None if labels is None else [labels[i] for i in pick]
-    images, kept, skipped = decode_images(files, image_size, bad_images)
+    what = str(path)
+    size = image_size or default_image_size(files, backbone, what) or (natural_size(backbone) if backbone else 32)
+    check_memory(len(files), size, what)
+    with Decoder(size, bad_images, workers) as decoder:
+        images, kept = decoder.decode(files)
+    log_report(decoder.report)
+    if not kept:
+        raise DataError(f"none of the {len(files)} images in {path} could be read ({decoder.report.summary()})")
     labels = None if labels is None else torch.tensor([labels[i] for i in kept], dtype=torch.long)
     paths = [files[i].relative_to(path).as_posix() for i in kept]
-    return ImageData(images, labels, str(path), classes, skipped, paths)
+    return ImageData(images, labels, str(path), classes, decoder.report.skipped, paths, dict(decoder.report.counts))

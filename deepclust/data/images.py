@@ -99,6 +99,7 @@ class ImageData:
     classes: list[str] | None = None
     skipped: list[str] = field(default_factory=list)
     paths: list[str] | None = None  # image files relative to the folder given (folder sources only)
+    decoding: dict[str, int] = field(default_factory=dict)  # files skipped or converted, by kind (folder sources)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -117,7 +118,7 @@ class ImageData:
         labels = None if self.labels is None else self.labels[indices]
         paths = None if self.paths is None else [self.paths[i] for i in indices.tolist()]
         images = self.images.subset(indices) if isinstance(self.images, DiskImages) else self.images[indices]
-        return ImageData(images, labels, self.name, self.classes, self.skipped, paths)
+        return ImageData(images, labels, self.name, self.classes, self.skipped, paths, self.decoding)
 
 
 class IndexedImages(torch.utils.data.Dataset):
