@@ -10,9 +10,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +21,9 @@ from . import distributed
 from .augment import Augment, test_transform
 from .data import IndexedImages
 from .methods.base import Batch, EpochContext, Method
-from .runtime import allow_sync, sync_debug_mode
+from .run import Run
+from .runtime import allow_sync, host_to_device, sync_debug_mode
 from .safety import STOP, LossGuard, ignore_stop_signals, start_workers
-
-if TYPE_CHECKING:
-    from .train import Run
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +112,28 @@ def images_on_device(run: Run) -> bool:
 def epoch_batches(run: Run, cursor: EpochCursor, bounds: list[tuple[int, int]], parts: list[slice],
                   seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
     """From ``cursor.step`` on: each step's uint8 pixels and sample ids on the device, and the ids on the host.
-    Images on the device are indexed with slices of the order uploaded once an epoch (nothing crosses per step);
-    otherwise a DataLoader (workers, a disk cache or host memory; pinned for a GPU) fetches them."""
-    host_order = cursor.order.numpy()
+    Images on the device are indexed with slices of the order uploaded once an epoch, here, before the step loop
+    and its sync check (from pinned memory, not waited for); nothing crosses per step. Otherwise a DataLoader
+    (workers, a disk cache or host memory; pinned for a GPU) fetches them."""
     rows = [(a + p.start, a + p.stop) for (a, _), p in zip(bounds, parts, strict=True)]  # this rank's rows
     if images_on_device(run):
-        order = cursor.order.to(run.device)
-        for lo, hi in rows[cursor.step:]:
-            index = order[lo:hi]
-            yield run.images[index], index, host_order[lo:hi]
-        return
+        order = host_to_device(cursor.order, run.device)
+        return slices_of_order(run.images, order, cursor.order.numpy(), rows[cursor.step:])
     batches = [cursor.order[lo:hi].tolist() for lo, hi in rows[cursor.step:]]
     loader = torch.utils.data.DataLoader(IndexedImages(run.images), batch_sampler=batches,
                                          num_workers=run.cfg.num_workers, collate_fn=keep_batch,
                                          pin_memory=run.device.type == "cuda" and torch.cuda.is_available(),
                                          worker_init_fn=ignore_stop_signals,  # worker seeds from the epoch's
                                          generator=torch.Generator().manual_seed(seed))  # not the global RNG
-    for pixels, index in start_workers(loader):
-        yield pixels.to(run.device, non_blocking=True), index.to(run.device, non_blocking=True), index.numpy()
+    return ((pixels.to(run.device, non_blocking=True), index.to(run.device, non_blocking=True), index.numpy())
+            for pixels, index in start_workers(loader))
+
+
+def slices_of_order(images: torch.Tensor, order: torch.Tensor, host_order: np.ndarray,
+                    rows: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    for lo, hi in rows:
+        index = order[lo:hi]
+        yield images[index], index, host_order[lo:hi]
 
 
 def make_batch(method: Method, augment: Augment, pixels: torch.Tensor, index: torch.Tensor, host_index: np.ndarray,
@@ -177,6 +179,29 @@ def train_step(run: Run, batch: Batch, size: int, guard: LossGuard, step: int, a
         batch = Batch([], distributed.gather_batch_rows(batch.index))
     run.method.after_step(batch, outputs)
     return global_loss
+
+
+def run_steps(run: Run, cursor: EpochCursor, batches: Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]],
+              bounds: list[tuple[int, int]], augment: Augment, guard: LossGuard, amp: torch.dtype | None,
+              at_step: Callable[[int, bool], None], learn: bool = True) -> None:
+    """The step loop of an epoch: each step's views, loss and update, then ``at_step(steps done, stopping)`` (the
+    trainer's checkpoints and stop). Under DEEPCLUST_SYNC_DEBUG on a GPU any host-device sync in it fails;
+    ``tests/test_fake_cuda.py`` runs it for every method on fake CUDA tensors."""
+    with sync_debug(run.device):
+        for pixels, index, host_index in batches:
+            step = cursor.step
+            size = bounds[step][1] - bounds[step][0]
+            part = distributed.split_batch(size)
+            batch = make_batch(run.method, augment, pixels, index, host_index, size, part, cursor.aug_gen,
+                               run.cfg.channels_last)
+            loss = train_step(run, batch, size, guard, step, amp, learn)
+            if loss is None:
+                cursor.skipped += 1
+            else:
+                cursor.loss_sum += loss
+                cursor.steps += 1
+            cursor.step = done = step + 1
+            at_step(done, stop_agreed(done, len(bounds), run.device))
 
 
 def stop_agreed(done: int, steps: int, device: torch.device) -> bool:

@@ -28,8 +28,8 @@ def gathered_group_loss(logits: torch.Tensor, members: torch.Tensor) -> torch.Te
 def instance_positives(index: torch.Tensor, num_samples: int) -> torch.Tensor:
     """G_i = {i}: a one-hot (B, N) mask."""
     mask = torch.zeros(index.numel(), num_samples, dtype=torch.bool, device=index.device)
-    mask[torch.arange(index.numel(), device=index.device), index] = True
-    return mask
+    # scatter_ takes the scalar as it is; ``mask[rows, index] = True`` would copy a host 0-dim tensor, a sync
+    return mask.scatter_(1, index.unsqueeze(1), True)
 
 
 def neighbour_positives(index: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
@@ -79,14 +79,12 @@ def _invariant_spreading_loss(z1, z2, tau, all1, all2, offset) -> torch.Tensor:
     rows = torch.arange(2 * b, device=z.device)
     own = torch.arange(b, device=z.device) + offset
     self_col, partner = torch.cat((own, own + whole)), torch.cat((own + whole, own))
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[rows, self_col] = True
+    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self_col.unsqueeze(1), True)  # no host scalar
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_d = torch.logsumexp(logits, dim=1, keepdim=True)
     log_p = logits - log_d  # log(e_ij / D_i)
     log_pos = log_p[rows, partner]
-    neg_mask = ~self_mask
-    neg_mask[rows, partner] = False
+    neg_mask = (~self_mask).scatter_(1, partner.unsqueeze(1), False)
     log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).masked_fill(~neg_mask, 0.0)  # no -inf * 0
     return -(log_pos + log_not.sum(1)).mean()
 

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,19 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, as_dict
-from .data import ImageData, load_train_test
-from .device_memory import check_device_memory, check_host_memory, plan_training_memory
+from .data import load_train_test
+from .device_memory import check_device_memory, check_host_memory, check_host_step, plan_training_memory
 from .epoch import (
     batch_bounds,
     epoch_batches,
-    make_batch,
     resume_cursor,
+    run_steps,
     start_cursor,
-    stop_agreed,
-    sync_debug,
-    train_step,
 )
 from .eval import extract_features, knn_accuracy
 from .methods import METHODS
-from .methods.base import EpochContext, Method
+from .methods.base import EpochContext
+from .run import Run
 from .run_folder import check_same_config, claim_folder, resume_from_checkpoint
 from .runtime import allow_sync, autocast_dtype, choose_threads, configure_device
 from .safety import (
@@ -85,55 +82,6 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_decay**steps
 
 
-@dataclass
-class Run:
-    """Everything a training run holds; built by ``setup``, advanced by ``run_epoch``."""
-
-    cfg: TrainConfig
-    hparams: Any
-    method: Method
-    optimizer: torch.optim.Optimizer
-    data: ImageData
-    test: ImageData | None
-    device: torch.device
-    out: Path
-    start: int = 0  # next global epoch (round * epochs + epoch)
-    images: torch.Tensor | None = None  # training pixels, on the GPU when they may live there
-    model: torch.nn.Module | None = None  # what computes the loss: the method, or its DDP wrapper under torchrun
-    mid_epoch: dict[str, Any] | None = None  # where a checkpoint taken inside epoch ``start`` stood
-    images_fit: bool = True  # the training images fit on the device beside the run (``check_device_memory``)
-    amp: torch.dtype | None = None  # the autocast dtype of training and its target passes (None: float32)
-
-    def __post_init__(self):
-        self.images = self.data.images
-        self.model = self.model or self.method
-        if self.device.type == "cuda" and self.cfg.num_workers == 0 and torch.is_tensor(self.images) and \
-                self.images_fit:  # not a cache
-            self.images = self.images.to(self.device)  # uint8 on the device: augmentation never waits for the host
-
-    @property
-    def eval_feature(self) -> str:
-        return self.cfg.eval_feature or self.method.eval_feature
-
-    def payload(self, next_epoch: int) -> dict[str, Any]:
-        b = self.method.backbone
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":  # this process's GPU only: the checkpoint resumes with any number visible
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "method": self.cfg.method,
-            "backbone": {"name": b.name, "image_size": self.data.image_size, "embed_dim": b.embed_dim,
-                         "sobel": b.sobel is not None, "width": self.cfg.width},
-            "eval_feature": self.eval_feature,
-            "config": as_dict(self.cfg, self.hparams),
-            "num_samples": len(self.data),
-            "next_epoch": next_epoch,
-            "state": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
-        }
-
-
 def backbone_spec(cfg: TrainConfig) -> dict[str, Any]:
     """What must match between a checkpoint's backbone and this config's for its weights to load."""
     return {"name": cfg.backbone, "width": cfg.width, "sobel": cfg.sobel, "embed_dim": cfg.embed_dim}
@@ -160,6 +108,9 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     amp = autocast_dtype(device, cfg.amp)  # once a run: it logs a GPU without bf16
     where = f"the CPU with {threads} torch thread(s)" if device.type == "cpu" else str(device)
     log.info("training on %s, %s", where, "bf16 autocast" if amp else "float32")
+    if device.type == "cpu" and cfg.image_size:  # a step that cannot fit is refused before any file is decoded
+        check_host_step(cfg.backbone, cfg.image_size, cfg.batch_size, METHODS[cfg.method].views, amp is not None,
+                        cfg.width, cfg.sobel)
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
                                  cfg.test_subset, cfg.subset_imbalance, backbone=cfg.backbone)
     if payload is not None and payload["num_samples"] != len(data):
@@ -279,27 +230,17 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     guard = LossGuard(cfg.nan_policy, checkpoint, where)
     batches = tqdm(epoch_batches(run, cursor, bounds, parts, seed), desc=f"round {round_} epoch {epoch}",
                    total=len(bounds) - cursor.step, leave=False, disable=not cfg.progress)
-    with sync_debug(device):
-        for pixels, index, host_index in batches:
-            step = cursor.step
-            size = bounds[step][1] - bounds[step][0]
-            part = distributed.split_batch(size)
-            batch = make_batch(method, augment, pixels, index, host_index, size, part, aug_gen, cfg.channels_last)
-            loss = train_step(run, batch, size, guard, step, amp)
-            if loss is None:
-                cursor.skipped += 1
-            else:
-                cursor.loss_sum += loss
-                cursor.steps += 1
-            cursor.step = done = step + 1
-            stopping = stop_agreed(done, len(bounds), device)
-            if cfg.checkpoint_every and (stopping or (done % cfg.checkpoint_every == 0 and done < len(bounds))):
-                with allow_sync():
-                    guard.finish()  # a non-finite step is never checkpointed
-                    if distributed.is_main():
-                        save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": cursor.state(method)})
-            if stopping:  # without checkpoint_every, the epoch's checkpoint is the one before it
-                raise_if_stopping(where(step), checkpoint, global_epoch, done if cfg.checkpoint_every else None)
+
+    def at_step(done: int, stopping: bool) -> None:
+        if cfg.checkpoint_every and (stopping or (done % cfg.checkpoint_every == 0 and done < len(bounds))):
+            with allow_sync():
+                guard.finish()  # a non-finite step is never checkpointed
+                if distributed.is_main():
+                    save_checkpoint(checkpoint, {**run.payload(global_epoch), "mid_epoch": cursor.state(method)})
+        if stopping:  # without checkpoint_every, the epoch's checkpoint is the one before it
+            raise_if_stopping(where(done - 1), checkpoint, global_epoch, done if cfg.checkpoint_every else None)
+
+    run_steps(run, cursor, batches, bounds, augment, guard, amp, at_step)
     guard.finish()
     row: dict[str, Any] = {"round": round_, "epoch": epoch, "global_epoch": global_epoch,
                            "loss": float(cursor.loss_sum) / max(1, cursor.steps), "lr": lr}

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from deepclust.augment import Augment
 from deepclust.backbones import Backbone
 from deepclust.data import ImageData
-from deepclust.epoch import make_batch, train_step
+from deepclust.epoch import EpochCursor, batch_bounds, epoch_batches, run_steps
 from deepclust.eval import evaluate_backbone, extract_features
 from deepclust.eval.layers import layer_features
 from deepclust.methods import METHODS
@@ -57,16 +57,31 @@ CASES = {
 
 
 class HostTensorCheck(TorchDispatchMode):
-    """Fails an op that takes a CUDA tensor and a CPU tensor with elements (an index, a mask, a table): each such
-    use is a host-to-device copy, which on a GPU waits for the stream. Explicit transfers (``.to``) pass."""
+    """What torch.cuda's sync check (``set_sync_debug_mode("error")``) would stop on a GPU, and what FakeTensorMode
+    lets through, checked op by op (the mode itself raises at a read of a device value or shape on the host): a copy
+    from the host to the device that is not ``non_blocking`` (from pageable memory: the host waits), and a host tensor with or without elements (an index, a
+    mask, a table, or the 0-dim tensor a Python scalar written through tensor indices becomes) used in an op on a
+    CUDA tensor, which copies it to the device with a blocking copy."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func not in TRANSFERS and any(t.device.type == "cuda" for t in tensors):
-            host = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+        on_cuda = any(t.device.type == "cuda" for t in tensors)
+        if func in TRANSFERS:
+            if func is aten._to_copy.default and tensors and tensors[0].device.type == "cpu" and \
+                    kwargs.get("device") is not None and kwargs["device"].type == "cuda" and \
+                    not kwargs.get("non_blocking", False):
+                raise AssertionError(f"{func}: a blocking copy of a host tensor of shape {tuple(tensors[0].shape)} "
+                                     "to the device (pageable memory: the host waits)")
+            if func is aten.copy_.default and len(tensors) > 1 and tensors[0].device.type == "cuda" and \
+                    tensors[1].device.type == "cpu" and not (args[2:] or [kwargs.get("non_blocking", False)])[0]:
+                raise AssertionError(f"{func}: a blocking copy of a host tensor of shape {tuple(tensors[1].shape)} "
+                                     "into device memory")
+        elif on_cuda:
+            host = [tuple(t.shape) for t in tensors if t.device.type == "cpu"]
             if host:
-                raise AssertionError(f"{func}: a host tensor of shape {host[0]} meets a CUDA tensor")
+                raise AssertionError(f"{func}: a host tensor of shape {host[0]} meets a CUDA tensor (a blocking "
+                                     "copy; a Python scalar through tensor indices makes a 0-dim one)")
         return func(*args, **kwargs)
 
 
@@ -127,21 +142,26 @@ def readouts_allowed(fn) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_training_step_on_cuda_makes_no_host_sync_and_mixes_no_devices(case):
+def test_the_step_loop_on_cuda_makes_no_host_sync_and_mixes_no_devices(case):
+    """Two steps of the trainer's own loop (``epoch_batches`` then ``run_steps``: the order's upload, each step's
+    views, forward, loss check, ``after_step``), as ``train.run_epoch`` runs them with the images on the GPU."""
     method = method_at_its_epoch(case)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     to_fake_cuda(method, mode)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1))  # the epoch's order, on the host
+    bounds = batch_bounds(2 * BATCH, BATCH)
     with mode, HostTensorCheck():
         images = torch.zeros(N, 3, SIZE, SIZE, dtype=torch.uint8, device=CUDA)  # the training images, on the GPU
-        order = torch.arange(N, device=CUDA)  # the epoch's order, uploaded once an epoch
-        index, host_index = order[:BATCH], np.arange(BATCH)
-        batch = make_batch(method, Augment(SIZE), images[index], index, host_index, BATCH, slice(0, BATCH), None,
-                           channels_last=True)
-        assert all(v.device == CUDA for v in batch.views)
-        run = types.SimpleNamespace(model=method, method=method, device=CUDA, optimizer=None)
+        cfg = types.SimpleNamespace(num_workers=0, channels_last=True)
+        run = types.SimpleNamespace(cfg=cfg, images=images, model=method, method=method, device=CUDA, optimizer=None)
+        cursor = EpochCursor(order, 0, torch.Generator(), None, torch.zeros((), device=CUDA))
         guard = LossGuard("stop", Path("unused"), lambda step: f"step {step}")
-        loss = train_step(run, batch, BATCH, guard, 0, None, learn=False)  # forward, loss check, after_step
-        assert loss.device == CUDA and loss.dim() == 0
+        batches = epoch_batches(run, cursor, bounds, [slice(0, BATCH)] * len(bounds), seed=0)
+        done = []
+        run_steps(run, cursor, batches, bounds, Augment(SIZE), guard, None, lambda d, stop: done.append(d),
+                  learn=False)  # no backward: it needs a real GPU (the device tests run it there)
+        assert done == [1, 2] and cursor.steps == 2
+        assert cursor.loss_sum.device == CUDA and cursor.loss_sum.dim() == 0
 
 
 @pytest.mark.parametrize("feature", ["embedding", "pooled"])
