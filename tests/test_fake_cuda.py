@@ -58,10 +58,10 @@ CASES = {
 
 class HostTensorCheck(TorchDispatchMode):
     """What torch.cuda's sync check (``set_sync_debug_mode("error")``) would stop on a GPU, and what FakeTensorMode
-    lets through, checked op by op (the mode itself raises at a read of a device value or shape on the host): a copy
-    from the host to the device that is not ``non_blocking`` (from pageable memory: the host waits), and a host tensor with or without elements (an index, a
-    mask, a table, or the 0-dim tensor a Python scalar written through tensor indices becomes) used in an op on a
-    CUDA tensor, which copies it to the device with a blocking copy."""
+    lets through, checked op by op (the mode itself raises at a read of a device value or shape on the host): a
+    copy from the host to the device that is not ``non_blocking`` (from pageable memory: the host waits), and a
+    host tensor with or without elements (an index, a mask, a table, or the 0-dim tensor a Python scalar written
+    through tensor indices becomes) used in an op on a CUDA tensor, which copies it with a blocking copy."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
