@@ -5,7 +5,9 @@ folder as it stands after the checkpoint taken inside that epoch at that step, a
 ``odc_drift`` (in a train job): ODC with rank 1's centroid sums one ulp above rank 0's (as CUDA atomics can
 leave them), a small-cluster repair forced at every refresh (``labels_drift``: rank 1 repairs one more cluster
 than rank 0, as after labels drifted apart), and each rank's state saved after every epoch;
-``kmeans``: a saved feature matrix to cluster, the result saved by rank 0. Not a test module itself.
+``kmeans``: a saved feature matrix to cluster, the result saved by rank 0; ``batchnorm``: saved GlobalBatchNorm
+cases (input, upstream gradient, this rank's rows), each rank's output, gradients, running statistics and count
+of ``dist.all_reduce`` calls in forward and in backward saved. Not a test module itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from deepclust import distributed
 from deepclust import train as trainer
@@ -76,6 +79,38 @@ def odc_drift(out: str, labels_drift: bool = False):
         MemoryBank.class_sums, odc.dissolve_small_clusters, odc.ODC.after_epoch = class_sums, dissolve, after_epoch
 
 
+def batchnorm_cases(spec: dict) -> None:
+    """Each case through one GlobalBatchNorm on this rank's rows, counting the all-reduces it makes."""
+    calls = [0]
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return all_reduce(*args, **kwargs)
+
+    results = []
+    dist.all_reduce = counted
+    try:
+        for case in torch.load(spec["cases"], weights_only=True):
+            x, grad, weight, bias = case["x"], case["grad"], case["weight"], case["bias"]
+            rows = case["rows"][distributed.rank()]
+            bn = distributed.GlobalBatchNorm(x.shape[1], momentum=0.3).train()
+            with torch.no_grad():
+                bn.weight.copy_(weight)
+                bn.bias.copy_(bias)
+            mine = x[rows[0]:rows[1]].clone().requires_grad_()
+            calls[0] = 0
+            y = bn(mine)
+            forward = calls[0]
+            y.backward(grad[rows[0]:rows[1]])
+            results.append({"y": y.detach(), "x_grad": mine.grad, "weight_grad": bn.weight.grad,
+                            "bias_grad": bn.bias.grad, "running_mean": bn.running_mean,
+                            "running_var": bn.running_var, "forward": forward, "backward": calls[0] - forward})
+    finally:
+        dist.all_reduce = all_reduce
+    torch.save(results, Path(spec["out"]) / f"bn_rank{distributed.rank()}.pt")
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     distributed.initialise(torch.device("cpu"))
@@ -90,6 +125,8 @@ def main(spec_path: str) -> None:
         else:
             train(cfg, hp, resume=job.get("resume", False))
         trainer.save_checkpoint = save
+    if "batchnorm" in spec:
+        batchnorm_cases(spec["batchnorm"])
     if "kmeans" in spec:
         k = spec["kmeans"]
         result = kmeans(torch.load(k["x"], weights_only=True), k["k"], iters=k["iters"], seed=k["seed"])
