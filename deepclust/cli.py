@@ -48,15 +48,10 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:
     from . import distributed
     from .config import parse_overrides
-    from .train import train
+    from .train import resolve_device, train
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc and args.nproc > 1 and not distributed.launched():
-        return subprocess.call(torchrun_argv(argv, args.nproc))
-    if distributed.launch_rank() != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
-
     layers = []
     if args.config:
         layers.append(read_yaml(Path(args.config)))
@@ -64,7 +59,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
                                "backbone": args.backbone, "epochs": args.epochs, "out": args.out,
                                "init": args.init, "device": args.device}.items() if v is not None}
     layers += [flags, parse_overrides(overrides)]
-    cfg, hparams = resolve(layers)
+    cfg, hparams = resolve(layers)  # before torchrun starts: a bad config or device is one error, not one a rank
+    if args.nproc and args.nproc > 1 and not distributed.launched():
+        distributed.check_gpu_count(args.nproc, resolve_device(cfg.device))
+        return subprocess.call(torchrun_argv(argv, args.nproc))
+    if distributed.launch_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
         row = train(cfg, hparams, resume=args.resume, overwrite=args.overwrite)
     finally:

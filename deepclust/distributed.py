@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -32,11 +34,26 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
+def check_gpu_count(nproc: int, device: torch.device) -> None:
+    """Refuse ``nproc`` processes on this machine, one GPU each, when fewer GPUs are visible (a clear error
+    instead of ``torch.cuda.set_device``'s invalid device ordinal in some of the ranks)."""
+    if device.type != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        seen = "no GPU is visible" if visible == 0 else f"only {visible} GPU{'s are' if visible > 1 else ' is'} visible"
+        fix = f"--nproc {visible} or fewer, or " if visible else ""
+        raise ConfigError(f"{nproc} processes on this machine need a GPU each (device={device}), but {seen} "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run with "
+                          f"{fix}device=cpu for CPU processes")
+
+
 def initialise(device: torch.device) -> torch.device:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU); returns this rank's device."""
     if not launched():
         return device
     if device.type == "cuda":
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device)  # every rank says it, not a crash
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():

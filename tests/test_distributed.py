@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 from helpers import read_rows, tiny_npz
 
+from deepclust import distributed
 from deepclust.checkpoint import load_checkpoint
+from deepclust.cli import main
 from deepclust.cluster import kmeans
-from deepclust.config import resolve
+from deepclust.config import ConfigError, resolve
 from deepclust.train import train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -202,3 +204,26 @@ def test_global_batchnorm_makes_one_all_reduce_each_way_and_equals_one_process(t
         for r in got:
             for key in ("running_mean", "running_var"):
                 torch.testing.assert_close(r[key].double(), want[key], **close)
+
+
+@pytest.mark.parametrize("visible", [0, 1])
+def test_nproc_above_the_visible_gpus_is_a_clear_config_error(tmp_path, monkeypatch, capsys, visible):
+    """--nproc 2 on device=cuda with fewer GPUs visible: exit 2 naming the count and the fix, before torchrun
+    starts (torch.cuda.device_count patched: the only way to see 1 GPU here); and a rank that torchrun started
+    itself refuses the same way before torch.cuda.set_device."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    data = tiny_npz(tmp_path)
+    code = main(["train", "--method", "npid", "--data", data, "--out", str(tmp_path / "run"), "--device", "cuda",
+                 "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and not started
+    assert "2 processes on this machine need a GPU each" in err
+    assert ("no GPU is visible" if visible == 0 else "only 1 GPU is visible") in err
+    assert ("--nproc 1 or fewer, or device=cpu" if visible else "run with device=cpu") in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="2 processes on this machine need a GPU each"):
+        distributed.initialise(torch.device("cuda"))
