@@ -3,7 +3,9 @@
 Every rank holds the whole method state (memory bank, labels, centroids) and keeps it identical to the
 others: the trainer splits each global batch into contiguous parts, gathers every step's sample ids and
 outputs so that each rank applies the same state update, and broadcasts rank 0's state after each epoch's
-targets are made. k-means shards its assignment pass (see ``cluster.kmeans``). A checkpoint therefore
+targets are made. k-means shards its assignment pass (see ``cluster.kmeans``); ODC's centroid refresh, whose
+float sums may differ in the last bits between GPUs, is computed by every rank without a collective and rank
+0's result broadcast (``methods.odc``). A checkpoint therefore
 holds the whole state and resumes on any number of processes. Outside ``torchrun`` every helper here is
 the identity (world size 1).
 """
