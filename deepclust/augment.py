@@ -168,6 +168,8 @@ class Augment:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     flip_p: float = 0.5
+    compiled: bool = False  # ``apply`` through torch.compile (compile=true): ~470 small kernels a view become a few
+
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.draw(images.shape[0], images.shape[-2], images.shape[-1], gen, images.device))
@@ -191,10 +193,33 @@ class Augment:
     def apply(self, images: torch.Tensor, p: AugmentDraw) -> torch.Tensor:
         if len(images) == 0:  # e.g. a view only some rows need, on a rank that has none of them
             return images.new_zeros((0, images.shape[1], self.size, self.size), dtype=torch.float32)
-        x = resized_crop(images.float().div_(255), p.boxes, self.size, p.flip)
-        x = color_jitter_rows(x, p) if x.device.type == "cpu" else color_jitter_masked(x, p)
-        x = torch.where(p.to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-        return normalize(x)
+        if self.compiled:
+            return compiled_apply()(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size)
+        return apply_draw(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size,
+                          masked=images.device.type != "cpu")
+
+
+def apply_draw(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, factors: torch.Tensor,
+               jitter: torch.Tensor, order: torch.Tensor, to_gray: torch.Tensor, size: int,
+               masked: bool = True) -> torch.Tensor:
+    """One draw's crop, flip, jitter, grey and normalisation of uint8 images (tensors only: it compiles whole).
+    ``masked``: the jitter that reads nothing on the host (a GPU's, and the compiled one's on any device)."""
+    p = AugmentDraw(boxes, flip, factors, jitter, order, to_gray)
+    x = resized_crop(images.float().div(255), boxes, size, flip)
+    x = color_jitter_masked(x, p) if masked else color_jitter_rows(x, p)
+    x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+    return normalize(x)
+
+
+_COMPILED_APPLY = None
+
+
+def compiled_apply():
+    """``apply_draw`` compiled once a process (dynamic row counts: a last batch and PAD's second view vary)."""
+    global _COMPILED_APPLY
+    if _COMPILED_APPLY is None:
+        _COMPILED_APPLY = torch.compile(apply_draw, dynamic=None)
+    return _COMPILED_APPLY
 
 
 def color_jitter_rows(x: torch.Tensor, p: AugmentDraw) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cluster.kmeans import centroid_sums
+from .runtime import exact_float32
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -64,6 +65,12 @@ class MemoryBank(nn.Module):
         autocast (which would otherwise cast the whole bank to bf16 on every call). A float16 bank is
         multiplied a chunk of rows at a time, so no float32 copy of the whole bank is made."""
         feats = feats.float()
+        if torch.compiler.is_compiling():  # the compiled loss keeps its graph's precision (no context to trace)
+            return self.float32_logits(feats, tau, chunk)
+        with exact_float32():  # no TF32: its 1e-3 relative error, divided by tau, would reach the logits
+            return self.float32_logits(feats, tau, chunk)
+
+    def float32_logits(self, feats: torch.Tensor, tau: float, chunk: int) -> torch.Tensor:
         with torch.autocast(feats.device.type, enabled=False):
             if self.features.dtype == torch.float32:
                 return feats @ self.features.t() / tau

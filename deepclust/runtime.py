@@ -98,9 +98,9 @@ def autocast_dtype(device: torch.device, requested: bool) -> torch.dtype | None:
 
 
 def configure_device(device: torch.device, deterministic: bool = False) -> None:
-    """Fast CUDA settings that keep results within float32 tolerance: TF32 matmuls and convolutions (10-bit
-    mantissa products, float32 sums) and cuDNN's autotuner, which picks per input shape and so is off when
-    ``deterministic`` asks for repeatable results. Nothing to do on a CPU."""
+    """Fast CUDA settings for the network: TF32 matmuls and convolutions (10-bit mantissa products, float32 sums;
+    the clustering, evaluation and bank products opt out with ``exact_float32``) and cuDNN's autotuner, which
+    picks per input shape and so is off when ``deterministic`` asks for repeatable results. Nothing on a CPU."""
     if device.type != "cuda":
         return
     if deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace; set before its first handle
@@ -108,6 +108,40 @@ def configure_device(device: torch.device, deterministic: bool = False) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = not deterministic
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matrix products in full float32 while inside, where ``configure_device`` allows TF32 (10-bit
+    mantissa products, about 1e-3 relative error) for the network: k-means assignments, the kNN evaluation, PCA
+    and the memory bank's logits (f . m / tau) would otherwise move with it. Host-only (a flag, no sync); inside
+    a compiled region the compiled graph's own setting applies and nothing is changed."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
+def fixed_algorithms() -> Iterator[None]:
+    """cuDNN's autotuner off while inside, for a forward whose row count changes from step to step (PAD's second
+    view, of the batch's isolated samples): with ``benchmark`` on, every new row count would time each layer's
+    algorithms again, up to a batch size's worth of autotuning an epoch. Host-only; nothing inside a compiled
+    region."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

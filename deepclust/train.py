@@ -220,7 +220,7 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
-    augment = Augment(run.data.image_size)
+    augment = Augment(run.data.image_size, compiled=cfg.compile)  # compile=true: the augmentation too
     method.train()
     checkpoint = run.out / "checkpoint.pt"
 

@@ -192,3 +192,17 @@ def test_test_transform_normalises_and_resizes():
     torch.testing.assert_close(out, normalize(images.float() / 255))
     assert augment.test_transform(images, 8).shape == (2, 3, 8, 8)
     assert images.dtype == torch.uint8
+
+
+def test_the_augmentation_compiles_as_one_graph_and_equals_the_eager_one():
+    """compile=true compiles ``apply_draw`` whole: no graph break (a break would leave its ~400 small kernels a
+    view eager), the same pixels. aot_eager traces it as Inductor would without the minutes of C++ codegen."""
+    from deepclust.augment import apply_draw
+
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    draw = Augment(16).draw(24, 20, 20, gen, "cpu")
+    traced = torch.compile(apply_draw, fullgraph=True, backend="aot_eager", dynamic=True)
+    got = traced(images, *vars(draw).values(), 16)
+    torch.testing.assert_close(got, Augment(16).apply(images, draw), atol=1e-5, rtol=0)  # the CPU's row path
+    assert Augment(16, compiled=True).compiled and not Augment(16).compiled

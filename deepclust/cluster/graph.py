@@ -17,6 +17,8 @@ import numba
 import numpy as np
 import torch
 
+from ..runtime import exact_float32
+
 APPROXIMATE_ABOVE = 200_000  # rows; CPU only, and only when faiss is installed
 
 
@@ -121,6 +123,7 @@ def merge_block(s: torch.Tensor, col_offset: int, vals: torch.Tensor, idx: torch
 
 
 @torch.no_grad()
+@exact_float32()  # no TF32 in the similarities the neighbours are ranked by
 def exact_knn_graph(x: torch.Tensor, k: int, exclude_self: bool = True,
                     block_elements: int | None = None,
                     compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import all_reduce_sum, gather_rows_at, local_part, part_sizes
+from ..runtime import exact_float32
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), 1)
 
 
+@exact_float32()  # no TF32: a 1e-3 error in x . c moves points between near centroids
 def assign(x_ones: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid (L2) of every row of ``with_ones(x)``, and its score x . c - |c|^2 / 2.
 

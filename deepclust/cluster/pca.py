@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..runtime import exact_float32
 from .kmeans import check_finite
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,17 @@ def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5, chunk: int = 65536,
     cap = min(dim, d, max(1, n - 1))
     if cap < dim:
         log.warning("PCA to %d dimensions instead of %d (features have %d dims, %d samples)", cap, dim, d, n)
-    mean = x.double().mean(0, keepdim=True)
+    with exact_float32():  # no TF32 in the covariance's float64 products nor in the projection
+        return whiten(x, cap, eps, chunk, stats)
+
+
+def whiten(x: torch.Tensor, cap: int, eps: float, chunk: int, stats: dict[str, float] | None) -> torch.Tensor:
+    n, d = x.shape
+    # float64 sums of a chunk at a time, the mean too: x.double() would be a float64 copy of all N rows (21 GB at
+    # ImageNet's 1.28M x 2048)
+    mean = sum(x[start:start + chunk].double().sum(0, keepdim=True) for start in range(0, n, chunk)) / n
     cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    for start in range(0, n, chunk):  # float64 sums of a chunk at a time: no float64 copy of all N rows
+    for start in range(0, n, chunk):
         xc = x[start:start + chunk].double() - mean
         cov += xc.t() @ xc
     evals, evecs = torch.linalg.eigh(cov / max(1, n - 1))  # ascending

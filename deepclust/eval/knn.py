@@ -7,6 +7,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..runtime import exact_float32
+
 log = logging.getLogger(__name__)
 _clamps_logged: set[tuple[int, int, int]] = set()  # (k asked, k used, N): each said once per process
 
@@ -29,6 +31,7 @@ def usable_k(k: int, train_labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+@exact_float32()  # the evaluation in full float32 whatever the network uses
 def knn_predict(test: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                 k: int = 200, tau: float = 0.1, chunk: int = 1024) -> torch.Tensor:
     """Class scores (M, C) for L2-normalised ``test`` (M, d) against ``train`` (N, d).

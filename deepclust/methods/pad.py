@@ -12,7 +12,7 @@ import torch
 from ..cluster import knn_graph, member_table, scs_stats, strongly_connected_subgraphs
 from ..distributed import world_size
 from ..losses import cosine_loss, gathered_group_loss, kl_loss
-from ..runtime import allow_sync, host_to_device
+from ..runtime import allow_sync, fixed_algorithms, host_to_device
 from .base import Batch, EpochContext
 from .npid import NPID
 
@@ -128,7 +128,7 @@ class PAD(NPID):
         # Only their second view is augmented and forwarded: the cost shrinks as the SCS share grows. Under
         # torchrun every rank joins the forward (its BatchNorm is a collective), even with no isolated sample.
         if isolated.numel() or world_size() > 1:
-            with torch.no_grad():
+            with torch.no_grad(), fixed_algorithms():  # a new row count most steps: no autotuning for each
                 target[isolated] = self.backbone(batch.views[1]).to(target.dtype)
         if self.config.hpe == "cosine":
             return cosine_loss(z, target)

@@ -77,8 +77,22 @@ class PCP(NPID):
         self.floor = c.min_clusters = cluster_count(c.min_clusters, num_samples, "pcp")  # the run records it
         self.register_buffer("groups", num_samples + torch.arange(num_samples))
         self.register_buffer("history", torch.full((c.vote_epochs, num_samples), -1, dtype=torch.long))
-        self.t = 1.0  # PCP's loss weight; 1 - t goes to the IS branch
+        # PCP's loss weight t (1 - t goes to the IS branch) as a device scalar the loss reads: a Python float there
+        # would be a guard of compile=true's graph, recompiled each warm-up epoch as t moves. Set through ``t``.
+        self.register_buffer("loss_weight", torch.ones(()), persistent=False)
+        self.t = 1.0
+        self.views = 2 if c.warmup else 1  # until the first epoch's targets: the memory plans count the warm-up's
         self.stats: dict[str, float] = {}
+
+    @property
+    def t(self) -> float:
+        return self._t
+
+    @t.setter
+    def t(self, value: float) -> None:  # also at a mid-epoch resume (an epoch attribute)
+        self._t = value
+        self.loss_weight.fill_(value)  # a host scalar as a kernel argument: no copy, no sync
+        self.views = 2 if value < 1 else 1  # the IS branch's second view while it has weight
 
     def warmup_weight(self, ctx: EpochContext) -> float:
         """t for this epoch, or 1.0 once there is no warm-up."""
@@ -106,8 +120,7 @@ class PCP(NPID):
         self.groups.copy_(p.groups)
         if c.vote_epochs:
             self.history.copy_(torch.cat((assignments.unsqueeze(0), self.history[:-1])))
-        self.t = self.warmup_weight(ctx)
-        self.views = 2 if self.t < 1 else 1
+        self.t = self.warmup_weight(ctx)  # and the views with it
         self.stats = {"n_clusters": k, "kept": float(p.in_cluster.float().mean()), "voting": int(voting),
                       "pulled_back": p.pulled_back, "dropped": p.dropped, "pcp_weight": self.t,
                       "cluster_time": time.perf_counter() - t0}
@@ -119,13 +132,13 @@ class PCP(NPID):
         return label_positives(index, self.groups)
 
     def loss(self, batch: Batch):
-        if self.t >= 1:
+        if self.views < 2:  # no IS branch: the warm-up is over (changes once a run)
             return super().loss(batch)
         z1, z2 = self.backbone(torch.cat(batch.views[:2])).chunk(2)  # one forward: BN sees both views, as IS
         pcp = group_loss(self.bank.logits(z1, self.config.tau), self.positives(batch.index))
         (all1, offset), (all2, _) = gather_batch_rows_at(z1), gather_batch_rows_at(z2)  # the global batch
         spread = invariant_spreading_loss(z1, z2, self.config.tau, all1, all2, offset)
-        return self.t * pcp + (1 - self.t) * spread, {"embedding": z1}
+        return self.loss_weight * pcp + (1 - self.loss_weight) * spread, {"embedding": z1}
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
