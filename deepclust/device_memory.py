@@ -108,18 +108,36 @@ def check_host_memory(plan: MemoryPlan, views: int, batch_size: int, image_size:
                       free: int | None = None) -> None:
     """For a run on the CPU, where the OOM killer ends a run that outgrows memory without a word or a
     checkpoint: raise ConfigError, naming the parts and the fixes, when the plan (the GPU's, whose activations
-    measured 0.5-1.0x a CPU step's peak) plus the augmented float32 views (made and normalised: 2 copies) does
-    not fit in ``runtime.available_memory()`` (cgroup limits included). The training images are already decoded
-    when this runs, so the memory available has them taken off; they are named, not added."""
+    measured 0.5-1.0x a CPU step's peak) plus the augmented float32 views does not fit in
+    ``runtime.available_memory()`` (cgroup limits included). The training images are already decoded when this
+    runs, so the memory available has them taken off; they are named, not added."""
+    held = f"; the images ({plan.images / GiB:.2f} GiB) are already in memory" if images_resident else ""
+    refuse_host({**plan.parts, **view_bytes(views, batch_size, image_size)}, batch_size, image_size, held, free)
+
+
+def check_host_step(backbone: str, image_size: int, batch_size: int, views: int, amp: bool, width: int,
+                    sobel: bool, free: int | None = None) -> None:
+    """``check_host_memory``'s test of a step alone, before any image is decoded: a step's activations and views
+    depend on the size asked for, not on the data, so a run at image_size=900 is refused in a second, not after
+    decoding every file at 900 px."""
+    with torch.device("meta"):  # no weights allocated or initialised
+        net = Backbone(backbone, image_size, 1, sobel, width)
+    parts = {"activations": views * batch_size * activation_bytes(net, image_size, amp),
+             **view_bytes(views, batch_size, image_size)}
+    refuse_host(parts, batch_size, image_size, "", free)
+
+
+def view_bytes(views: int, batch_size: int, image_size: int) -> dict[str, int]:
+    """A step's augmented float32 views, made and then normalised: two copies."""
+    return {"augmented views": 2 * views * batch_size * 3 * image_size**2 * 4}
+
+
+def refuse_host(parts: dict[str, int], batch_size: int, image_size: int, held: str, free: int | None) -> None:
     free = available_memory() if free is None else free
-    if free is None:
-        return
-    parts = {**plan.parts, "augmented views": 2 * views * batch_size * 3 * image_size**2 * 4}
     need = sum(parts.values()) + HOST_OVERHEAD
-    if need <= free:
+    if free is None or need <= free:
         return
     described = ", ".join(f"{name} {b / GiB:.2f}" for name, b in parts.items())
-    held = f"; the images ({plan.images / GiB:.2f} GiB) are already in memory" if images_resident else ""
     raise ConfigError(
         f"this run needs about {need / GiB:.1f} GiB of memory on the CPU ({described} GiB, plus "
         f"{HOST_OVERHEAD / GiB:.1f} GiB of working memory){held}, but {free / GiB:.1f} GiB are available; it would "

@@ -89,17 +89,19 @@ def test_a_photo_folder_trains_at_the_median_size_capped_by_the_network(tmp_path
     assert "loaded " + str(folder) + ": 43 images of 32x32" in text
 
 
-def test_900_px_on_this_machine_is_refused_before_the_first_step_naming_the_fixes(tmp_path, capsys):
+def test_900_px_on_this_machine_is_refused_before_decoding_naming_the_fixes(tmp_path, capsys, caplog):
     folder = photo_folder(tmp_path / "photos", small=8)
     free = available_memory()
     need = 128 * 510 * 2**20  # the default batch of 128 at about 510 MiB of activations an image
     if free is None or free > need:
         pytest.skip("this machine has the memory for a 900 px step")
     out = tmp_path / "run"
-    rc = main(["train", "--method", "is", "--data", str(folder), "--backbone", "convnet", "--epochs", "1",
-               "--out", str(out), "--device", "cpu", "bad_images=skip", "image_size=900", "progress=false"])
+    with caplog.at_level(logging.INFO):
+        rc = main(["train", "--method", "is", "--data", str(folder), "--backbone", "convnet", "--epochs", "1",
+                   "--out", str(out), "--device", "cpu", "bad_images=skip", "image_size=900", "progress=false"])
     err = capsys.readouterr().err
     assert rc == 2
+    assert "loaded" not in caplog.text and "skipped" not in caplog.text  # refused before any file was decoded
     assert "GiB of memory on the CPU" in err and "activations" in err and "are available" in err
     assert "Lower image_size (now 900" in err and "batch_size (now 128)" in err and "deepclust prepare" in err
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()

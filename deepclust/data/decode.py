@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..runtime import available_cores
 from .images import DataError
@@ -72,10 +73,11 @@ def decode_file(path: str | Path, size: int) -> tuple[np.ndarray, list[str]]:
                 notes.append(HANDLED_KINDS[2])  # PIL is positioned on the first frame
             if img.format == "JPEG" and min(img.size) >= 2 * size:
                 img.draft("RGB", (size, size))  # scales only; the mode stays
-            orientation = img.getexif().get(0x0112, 1)
-            ImageOps.exif_transpose(img, in_place=True)  # loads the pixels; a truncated file raises here
-            if orientation in range(2, 9):
+            if img.getexif().get(0x0112, 1) in range(2, 9):  # a turned or mirrored photo
+                ImageOps.exif_transpose(img, in_place=True)  # loads the pixels; a truncated file raises here
                 notes.append(HANDLED_KINDS[4])
+            else:
+                img.load()
             if img.mode in HIGH_BIT_MODES:  # 16/32-bit grayscale: rescale, don't clip
                 wide = np.asarray(img, dtype=np.float64)
                 top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(wide.max()))
@@ -189,7 +191,9 @@ class Decoder:
             step = max(1, min(256, -(-n // (8 * workers))))
             pool = self.start_pool(workers)
             results = pool.map(decode_chunk, [paths[s:s + step] for s in range(0, n, step)], [size] * -(-n // step))
+        bar = tqdm(total=n, desc="decoding images", unit="img", leave=False, mininterval=2, disable=n < 5000)
         for start, (array, chunk_kept, failed, notes) in zip(range(0, n, step), results, strict=False):
+            bar.update(min(step, n - start))
             for i, kind, err in failed:
                 path = paths[start + i]
                 if self.bad_images == "fail":
@@ -201,4 +205,5 @@ class Decoder:
             if len(chunk_kept):
                 out[len(kept):len(kept) + len(chunk_kept)] = torch.from_numpy(array).permute(0, 3, 1, 2)
             kept += [start + i for i in chunk_kept]
+        bar.close()
         return out[:len(kept)], kept
