@@ -14,6 +14,7 @@ import multiprocessing
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,26 +185,29 @@ class Decoder:
         paths = [str(p) for p in files]
         out = torch.empty((n, 3, size, size), dtype=torch.uint8)
         kept: list[int] = []
+        step = 256 if workers == 1 else max(1, min(256, -(-n // (8 * workers))))  # about 8 tasks a worker
+        tasks = [paths[s:s + step] for s in range(0, n, step)]
         if workers == 1:
-            results = (decode_chunk(paths[s:s + 256], size) for s in range(0, n, 256))
-            step = 256
-        else:  # about 8 tasks a worker: even shares, yet results flow back (and memory is freed) as they come
-            step = max(1, min(256, -(-n // (8 * workers))))
-            pool = self.start_pool(workers)
-            results = pool.map(decode_chunk, [paths[s:s + step] for s in range(0, n, step)], [size] * -(-n // step))
-        bar = tqdm(total=n, desc="decoding images", unit="img", leave=False, mininterval=2, disable=n < 5000)
-        for start, (array, chunk_kept, failed, notes) in zip(range(0, n, step), results, strict=False):
-            bar.update(min(step, n - start))
-            for i, kind, err in failed:
-                path = paths[start + i]
-                if self.bad_images == "fail":
-                    raise DataError(SKIPPED_KINDS[kind].format(path=path, err=err))
-                self.report.skipped.append(path)
-                self.report.add(kind, path)
-            for note in notes:
-                self.report.add(*note.split("\t", 1))
-            if len(chunk_kept):
-                out[len(kept):len(kept) + len(chunk_kept)] = torch.from_numpy(array).permute(0, 3, 1, 2)
-            kept += [start + i for i in chunk_kept]
-        bar.close()
+            results = (decode_chunk(task, size) for task in tasks)
+        else:  # in order, each as soon as it and those before it are done
+            results = self.start_pool(workers).map(decode_chunk, tasks, [size] * len(tasks))
+        with tqdm(total=n, desc="decoding images", unit="img", leave=False, mininterval=2, disable=n < 5000) as bar:
+            try:
+                for start, (array, chunk_kept, failed, notes) in zip(range(0, n, step), results, strict=True):
+                    bar.update(min(step, n - start))
+                    for i, kind, err in failed:
+                        path = paths[start + i]
+                        if self.bad_images == "fail":
+                            raise DataError(SKIPPED_KINDS[kind].format(path=path, err=err))
+                        self.report.skipped.append(path)
+                        self.report.add(kind, path)
+                    for note in notes:
+                        self.report.add(*note.split("\t", 1))
+                    if chunk_kept:
+                        out[len(kept):len(kept) + len(chunk_kept)] = torch.from_numpy(array).permute(0, 3, 1, 2)
+                    kept += [start + i for i in chunk_kept]
+            except BrokenProcessPool as err:  # a worker killed (the OOM killer) or crashed inside a decoder
+                raise DataError(f"a process decoding {files[0].parent} died ({err}); if memory ran out, decode "
+                                f"with fewer workers or decode once into a cache: `deepclust prepare SOURCE --out "
+                                f"CACHE --size {size} --workers 1`") from err
         return out[:len(kept)], kept
