@@ -22,7 +22,7 @@ the compilation included; each job capped, and what ran is written after every j
    compiled (``kernels_per_step``).
 
 It writes OUT/gpu_check.json and OUT/gpu_check.md (a table BENCHMARKS.md can take as it is), nothing else.
-``--smoke`` runs the same steps on a few hundred images for 1 epoch (``--device cpu --smoke`` checks the script
+``--smoke`` runs the same steps on 128 images (2 steps) for 1 epoch (``--device cpu --smoke`` checks the script
 end to end on a CPU in a few minutes, before any GPU time is spent on it).
 """
 
@@ -148,7 +148,7 @@ def recipe(method: str, data: tuple[str, str], out: Path, device: torch.device, 
                  eval_every=1 if method in KNN_EACH_EPOCH else 0, progress=False)
     if method == "and":  # round 0 is NPID, round 1 the first anchor round: one epoch each
         layer.update(rounds=2, epochs=1)
-    if smoke:  # 256 images: the paper's k = 1000 would exceed them (k = None: N / 50)
+    if smoke:  # 128 images: the paper's k = 1000 would exceed them (k = None: N / 50)
         layer["batch_size"] = 64
         if "k" in layer:
             layer["k"] = None
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> None:
     print(report["info"])
     if not Path(args.data).is_file():
         sys.exit(f"no packed data {args.data}: run `python -m benchmarks.gpu_check pack` where ../shared exists")
-    data = decode(Path(args.data), work, 256 if args.smoke else None)
+    data = decode(Path(args.data), work, 128 if args.smoke else None)  # smoke: 2 steps an epoch at batch 64
     report["decode_s"] = round(time.perf_counter() - t0, 1)
     report["tests"] = run_tests(min(args.tests_cap, max(10.0, left() - 60)))
     report["results"] = results = []
