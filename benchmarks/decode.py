@@ -25,16 +25,21 @@ from deepclust.data import decode_file
 from deepclust.runtime import available_cores
 
 
-def old_decode(path: str, size: int) -> np.ndarray:
-    """The path before issue 29: decode every pixel, convert, resize the shorter side (bilinear), centre crop."""
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
+def old_square(img: Image.Image, size: int) -> np.ndarray:
+    """The path before issue 29 (also the tests' reference): RGB, shorter side to ``size`` (bilinear), centre crop."""
+    rgb = img.convert("RGB")
     w, h = rgb.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     rgb = rgb.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)))
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def old_decode(path: str, size: int) -> np.ndarray:
+    """The path before issue 29: decode every pixel, then ``old_square``."""
+    with Image.open(path) as img:
+        return old_square(img, size)
 
 
 def new_decode(path: str, size: int) -> np.ndarray:

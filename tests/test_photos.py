@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from benchmarks.decode import old_square  # the pre-issue-29 decode, the reference
 from deepclust.backbones import Backbone
 from deepclust.checkpoint import load_checkpoint
 from deepclust.cli import main
@@ -42,17 +43,6 @@ def jpeg_bytes(array: np.ndarray, orientation: int | None = None, quality: int =
         exif[0x0112] = orientation
     Image.fromarray(array).save(buf, "JPEG", quality=quality, exif=exif.tobytes())
     return buf.getvalue()
-
-
-def old_square(img: Image.Image, size: int) -> np.ndarray:
-    """The one-core path before this change: RGB, shorter side to ``size`` (bilinear), centre crop."""
-    rgb = img.convert("RGB")
-    w, h = rgb.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def photo_folder(root: Path, small: int = 40) -> Path:
