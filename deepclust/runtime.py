@@ -111,37 +111,32 @@ def configure_device(device: torch.device, deterministic: bool = False) -> None:
 
 
 @contextmanager
-def exact_float32() -> Iterator[None]:
+def flag_set(owner: object, name: str, value: bool) -> Iterator[None]:
+    """``owner.name`` (a torch.backends flag) set to ``value`` while inside, then restored. Host-only (no sync);
+    inside a compiled region nothing is changed: the compiled graph's own setting applies."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
+def exact_float32() -> contextlib.AbstractContextManager[None]:
     """float32 matrix products in full float32 while inside, where ``configure_device`` allows TF32 (10-bit
     mantissa products, about 1e-3 relative error) for the network: k-means assignments, the kNN evaluation, PCA
-    and the memory bank's logits (f . m / tau) would otherwise move with it. Host-only (a flag, no sync); inside
-    a compiled region the compiled graph's own setting applies and nothing is changed."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    and the memory bank's logits (f . m / tau) would otherwise move with it."""
+    return flag_set(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-@contextmanager
-def fixed_algorithms() -> Iterator[None]:
+def fixed_algorithms() -> contextlib.AbstractContextManager[None]:
     """cuDNN's autotuner off while inside, for a forward whose row count changes from step to step (PAD's second
     view, of the batch's isolated samples): with ``benchmark`` on, every new row count would time each layer's
-    algorithms again, up to a batch size's worth of autotuning an epoch. Host-only; nothing inside a compiled
-    region."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
+    algorithms again, up to a batch size's worth of autotuning an epoch."""
+    return flag_set(torch.backends.cudnn, "benchmark", False)
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
