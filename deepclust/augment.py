@@ -10,7 +10,8 @@ every epoch reproducible and the data never needs per-sample Python work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,18 @@ class Augment:
             return compiled_apply()(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size)
         return apply_draw(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size,
                           masked=images.device.type != "cpu")
+
+
+SMALL_CROP_FRACTION = 18 / 32  # solo-learn's CIFAR multi-crop: 18 px small crops of 32 px images (SwAV: 96 of 224)
+
+
+def small_crop(augment: Augment, size: int | None = None, scale: Sequence[float] = (0.05, 0.14)) -> Augment:
+    """Multi-crop's small view (SwAV): a crop of a smaller part of the image (``scale``, SwAV's 0.05-0.14) at a
+    smaller size (None: 18/32 of the image size, at least 8), with the same flip, jitter and grey. A method's
+    views beyond its large ones use it; the trainer draws and applies each view in one batched call as usual."""
+    if size is None:
+        size = max(8, round(augment.size * SMALL_CROP_FRACTION))
+    return replace(augment, size=size, scale=(float(scale[0]), float(scale[1])))
 
 
 def apply_draw(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, factors: torch.Tensor,

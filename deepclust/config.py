@@ -261,6 +261,12 @@ def rules(method: str) -> dict[str, Rule]:
         "neck_hidden": at_least(1), "neck_dim": at_least(1), "dropout": Range(0, 1, "[)"),
         "memory_update": Choice(("augmented", "clean")), "fft_epochs": at_least(0),
         "head_momentum": Range(0, 1, "[)"),
+        # SwAV, DeepClusterV2, SeLa and their shared heads
+        "prototypes": at_least(2), "temperature": above(0), "sinkhorn_epsilon": above(0),
+        "sinkhorn_iters": at_least(1), "freeze_prototypes_steps": at_least(0), "queue_length": at_least(0),
+        "queue_start": UNIT, "projector_hidden": at_least(1), "small_crops": at_least(0),
+        "small_crop_size": at_least(8), "small_crop_scale": UNIT, "heads": at_least(1),
+        "sinkhorn_lambda": above(0), "label_every": at_least(1),
     }
     overrides: dict[str, dict[str, Rule]] = {"pad": {"k": at_least(1)}}  # PAD's k: kNN graph out-degree
     return {**table, **overrides.get(method, {})}

@@ -161,6 +161,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log sum exp of ``x`` along ``dim`` over the rows of every rank (one process: ``torch.logsumexp``): each
+    rank's own log-sum-exp, shifted by their maximum so that no rank's sum overflows or vanishes."""
+    lse = torch.logsumexp(x, dim)
+    if world_size() == 1:
+        return lse
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + torch.log(all_reduce_sum(torch.exp(lse - top)))
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any (a collective: every rank must call it)."""
     if world_size() == 1:

@@ -95,8 +95,8 @@ def resume_cursor(run: Run, mid: dict[str, Any], ctx: EpochContext, aug_gen: tor
                      "%d steps", mid.get("augment_device", "cpu"), aug_gen.device.type, step)
             augment, (height, width) = Augment(run.data.image_size), run.images.shape[-2:]
             for start, stop in bounds[:step]:
-                for _ in range(run.method.views):
-                    augment.draw(stop - start, height, width, aug_gen, run.device)
+                for view in range(run.method.views):
+                    run.method.view_augment(view, augment).draw(stop - start, height, width, aug_gen, run.device)
     return EpochCursor(mid["order"], step, ctx.generator, aug_gen,
                        torch.tensor(mid["loss_sum"], device=run.device), mid["steps"], mid["skipped"],
                        mid["targets_time"], time.perf_counter() - mid["time"])
@@ -144,9 +144,10 @@ def make_batch(method: Method, augment: Augment, pixels: torch.Tensor, index: to
     height, width = pixels.shape[-2:]
     views, view_rows = [], []
     for view in range(method.views):
-        draw = augment.draw(size, height, width, aug_gen, pixels.device).rows(part)
+        view_aug = method.view_augment(view, augment)  # multi-crop: a small crop for the views after the large
+        draw = view_aug.draw(size, height, width, aug_gen, pixels.device).rows(part)
         rows = method.view_rows(view, index, host_index)
-        views.append(augment.apply(pixels, draw) if rows is None else augment.apply(pixels[rows], draw.rows(rows)))
+        views.append(view_aug.apply(pixels, draw) if rows is None else view_aug.apply(pixels[rows], draw.rows(rows)))
         view_rows.append(rows)
     if channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]

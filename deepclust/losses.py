@@ -94,3 +94,22 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=1)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)
+
+
+def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """SwAV's loss: each code ``codes[i]`` (the Sinkhorn assignment of crop i, no gradient) is predicted from
+    every other crop's scores: the mean over i and over crops v != i of -sum_k q_ik log softmax(s_v / T)_k.
+    ``scores`` (one (B, K) per crop, the large crops first), ``codes`` (one per assigned crop, in crop order)."""
+    logp = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+    total = scores[0].new_zeros((), dtype=torch.float32)
+    for i, q in enumerate(codes):
+        others = [lp for v, lp in enumerate(logp) if v != i]
+        total = total + sum(-(q * lp).sum(1).mean() for lp in others) / len(others)
+    return total / len(codes)
+
+
+def multi_head_cross_entropy(logits: list[torch.Tensor], targets: list[torch.Tensor], crops: int = 1) -> torch.Tensor:
+    """The mean over heads of cross-entropy of head h's ``logits[h]`` ((crops * B, K), crops stacked in order)
+    against its labels ``targets[h]`` (B,), the same label for each crop of a sample (DeepClusterV2, SeLa)."""
+    pairs = zip(logits, targets, strict=True)
+    return sum(F.cross_entropy(lg.float(), t.repeat(crops)) for lg, t in pairs) / len(logits)

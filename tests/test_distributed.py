@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 # ODC without dropout: its masks are drawn per rank from the global generator, so they cannot match one
 # process's masks (training still runs distributed with dropout; only this comparison needs it off).
 METHODS = {"npid": {}, "is": {}, "deepcluster": {"k": 4}, "odc": {"k": 4, "min_cluster": 2, "dropout": 0.0},
-           "uic": {"k": 4}, "pcp": {"min_clusters": 4, "vote_epochs": 1}, "pad": {}}
+           "uic": {"k": 4}, "pcp": {"min_clusters": 4, "vote_epochs": 1}, "pad": {},
+           # the queue from epoch 1 on, full after its first step there (Sinkhorn's sums across the ranks)
+           "swav": {"prototypes": 6, "queue_length": 32, "queue_start": 0.5, "small_crops": 1},
+           "deepclusterv2": {"k": 4, "heads": 2}, "sela": {"k": 4, "heads": 2}}
 
 
 def layer(data: str, method: str, out: Path, **keys) -> dict:
@@ -91,7 +94,8 @@ def runs(tmp_path_factory):
         shutil.copytree(tmp / "cut2", tmp / name)
         shutil.copytree(tmp / "mid2", tmp / f"mid_{name}")
     torchrun(tmp, 3, {"train": [{"config": layer(data, "npid", tmp / name), "resume": True}
-                                for name in ("resume3", "mid_resume3")]})
+                                for name in ("resume3", "mid_resume3")]
+                      + [{"config": layer(data, "swav", tmp / "three" / "swav")}]})  # 11 / 11 / 10 rows a rank
     for m in METHODS:
         train(*resolve([layer(data, m, tmp / "one" / m)]))
     for name in ("resume1", "mid_resume1"):
@@ -107,6 +111,16 @@ def test_two_ranks_equal_one_process(runs, method):
     assert_same_state(one["state"], two["state"], method)  # parameters, BN statistics, bank, labels, SCSs
     losses = [[r["loss"] for r in read_rows(tmp / d / method)] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_swav_on_three_ranks_equals_one_process(runs):
+    """Uneven parts of the batch and of the queue (32 rows: 11 / 11 / 10 a rank) still count each sample once in
+    Sinkhorn's sums across the ranks."""
+    tmp, _ = runs
+    one = load_checkpoint(tmp / "one" / "swav" / "checkpoint.pt")
+    three = load_checkpoint(tmp / "three" / "swav" / "checkpoint.pt")
+    assert bool(one["state"]["queue.count"] == 32)  # the queue was full, so the codes used it
+    assert_same_state(one["state"], three["state"], "swav on 3 ranks")
 
 
 def test_distributed_kmeans_equals_single_process(runs):

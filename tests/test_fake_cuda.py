@@ -53,6 +53,11 @@ CASES = {
     "odc": ({"k": 4, "min_cluster": 2}, (0, 0)), "odc-clean": ({"k": 4, "min_cluster": 2, "memory_update": "clean"},
                                                               (0, 0)),
     "uic": ({"k": 4}, (0, 0)),
+    # the queue full from the first step (16 rows of 32-row batches), two small crops, the projection MLP
+    "swav": ({"prototypes": 6, "queue_length": 16, "queue_start": 0.0, "small_crops": 2, "projector_hidden": 16},
+             (0, 1)),
+    "deepclusterv2": ({"k": 4, "heads": 2, "small_crops": 2}, (0, 0)),
+    "sela": ({"k": 4, "heads": 2}, (0, 0)),
 }
 
 

@@ -251,3 +251,30 @@ def dissolve_small_clusters(labels: torch.Tensor, rows_of, centroids: torch.Tens
     changed[normal] = True  # normal clusters received members
     changed[small] = True
     return changed
+
+
+@exact_float32()
+@torch.no_grad()
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0,
+                     chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on the unit sphere as DeepClusterV2 runs it: ``iters`` passes of assigning each (unit) row to the
+    centroid of the largest dot product and setting each centroid to its members' normalised mean; an empty
+    cluster keeps its centroid (no split). Starts from k distinct random rows. Returns (unit centroids (k, d),
+    labels (N,)) with the labels of the last centroids. No collective: every rank calling it with the same rows
+    gets the same result up to float summation order (a caller under torchrun broadcasts one rank's)."""
+    n = x.shape[0]
+    check_cluster_count(k, n, "spherical k-means")
+    check_finite(x, "spherical k-means")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(x.float(), dim=1)
+    centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    for it in range(iters + 1):
+        for start in range(0, n, chunk):
+            labels[start:start + chunk] = (x[start:start + chunk] @ centroids.t()).argmax(1)
+        if it == iters:
+            break
+        sums, counts = centroid_sums(x, labels, k)
+        moved = torch.nn.functional.normalize(sums, dim=1)
+        centroids = torch.where((counts > 0).unsqueeze(1), moved, centroids)
+    return centroids, labels

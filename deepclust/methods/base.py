@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..augment import Augment
 from ..backbones import Backbone
 
 
@@ -94,6 +95,11 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss(batch)  # the call DistributedDataParallel wraps
+
+    def view_augment(self, view: int, augment: Augment) -> Augment:
+        """The augmentation of view ``view``: the trainer's (``augment``), or another, e.g. multi-crop's small crop
+        (``augment.small_crop``) for the views after a method's large ones."""
+        return augment
 
     def view_rows(self, view: int, index: torch.Tensor, host_index: np.ndarray | None = None) -> torch.Tensor | None:
         """The rows of the batch that augmented view ``view`` is needed for (None: all of them), on the device.
