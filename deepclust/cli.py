@@ -15,6 +15,7 @@ import torch
 from .backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
 from .checkpoint import CheckpointError
 from .cluster import ClusteringError
+from .commands import browse as browse_command
 from .commands import cluster as cluster_command
 from .commands import compare as compare_command
 from .commands import export as export_command
@@ -57,7 +58,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
         layers.append(read_yaml(Path(args.config)))
     flags = {k: v for k, v in {"method": args.method, "data": args.data, "test_data": args.test_data,
                                "backbone": args.backbone, "epochs": args.epochs, "out": args.out,
-                               "init": args.init, "device": args.device}.items() if v is not None}
+                               "init": args.init, "device": args.device, "labels": args.labels}.items()
+             if v is not None}
     layers += [flags, parse_overrides(overrides)]
     cfg, hparams = resolve(layers)  # before torchrun starts: a bad config or device is one error, not one a rank
     if args.nproc and args.nproc > 1 and not distributed.launched():
@@ -94,13 +96,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
     device = torch.device(args.device)
     model = opened.model.to(device)
-    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images)
+    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images, labels=args.labels)
     if test is None:
         raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
     feature = opened.eval_feature
     result = {"checkpoint": str(args.checkpoint), "method": opened.method, "protocol": args.protocol,
               "data": args.data, "test_data": test.name,
               "feature": "pooled" if args.protocol == "linear" else feature}
+    if args.labels:  # the labels a person gave (the cluster browser's labels.csv) and, on class folders, their accuracy
+        result["labels"] = args.labels
+        if train.labels_agreement is not None:
+            result["labels_agreement"] = 100 * train.labels_agreement
     if opened.payload is None:  # a plain backbone file: say which network was evaluated
         result.update(backbone=model.name, backbone_file=opened.file.description, image_size=opened.image_size)
     if args.protocol in ("knn", "all"):  # the k used: at most what the training set allows (logged when capped)
@@ -168,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] | CACHE (from deepclust prepare; "
                    "default: digits)")
     t.add_argument("--test-data")
+    t.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
+                   "images, for --method supervised and the kNN; images it leaves out are left out")
     t.add_argument("--backbone")
     t.add_argument("--epochs", type=int)
     t.add_argument("--out")
@@ -189,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_file_flags(e)
     e.add_argument("--data", required=True)
     e.add_argument("--test-data")
+    e.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
+                   "images; the test classes are matched by name; on class folders prints labels_agreement")
     e.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="knn",
                    help="all: every protocol the data allows, one JSON")
     e.add_argument("--feature", choices=("embedding", "pooled"))
@@ -225,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
 
-    for command in (cluster_command, export_command, report_command, compare_command, prepare_command):
+    for command in (cluster_command, browse_command, export_command, report_command, compare_command, prepare_command):
         command.add_parser(sub)
     sub.add_parser("methods", help="list the methods")
     return parser
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
                 "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
                 "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args),
-                "prepare": lambda: prepare_command.run(args)}
+                "prepare": lambda: prepare_command.run(args), "browse": lambda: browse_command.run(args)}
     try:
         return commands[args.command]()
     except RunInterrupted as err:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed job

@@ -27,6 +27,7 @@ class TrainConfig:
     method: str = "npid"
     data: str = "digits"
     test_data: str | None = None  # default: the split that belongs with --data (digits:test, .../test)
+    labels: str | None = None  # a path,label CSV (the cluster browser's labels.csv) labelling --data's images
     out: str = "runs/run"
     # model
     backbone: str = "resnet18_cifar"

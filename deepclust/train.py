@@ -112,7 +112,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
         check_host_step(cfg.backbone, cfg.image_size, cfg.batch_size, METHODS[cfg.method].views, amp is not None,
                         cfg.width, cfg.sobel)
     data, test = load_train_test(cfg.data, cfg.test_data, cfg.image_size, cfg.bad_images, cfg.subset,
-                                 cfg.test_subset, cfg.subset_imbalance, backbone=cfg.backbone)
+                                 cfg.test_subset, cfg.subset_imbalance, backbone=cfg.backbone, labels=cfg.labels)
     if payload is not None and payload["num_samples"] != len(data):
         raise CheckpointError(f"{ckpt_path} was trained on {payload['num_samples']} samples, --data has "
                               f"{len(data)}; resume with the same data")

@@ -18,6 +18,7 @@ from ..config import ConfigError
 from ..data import ImageData, load_data
 from ..eval import assignment_metrics, extract_features
 from ..methods import METHODS, Method
+from .browse import check_folders_target, read_clusters_csv, report_written, write_browse_page, write_cluster_folders
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         data, training = load_data(args.data, "train", opened.image_size, args.bad_images), False
     else:
         data, training = load_cluster_data(payload, args.data, args.bad_images, args.image_size)
+    if args.folders:  # refused before the features are computed, not after
+        if data.paths is None:
+            raise ConfigError(f"--folders links image files, and {data.name} is not a folder of images; leave out "
+                              "--folders (--browse works for any data)")
+        check_folders_target(Path(args.folders))
     feature = opened.eval_feature
     device = torch.device(args.device)
     model = opened.model.to(device)
@@ -112,6 +118,13 @@ def run(args: argparse.Namespace) -> int:
         m = assignment_metrics(assignments[assigned], data.labels[assigned])
         print(f"against the labels: NMI {m['nmi']:.4f}, ARI {m['ari']:.4f}, accuracy {m['acc']:.2f}% "
               "(Hungarian matching of clusters to classes)")
+    if args.browse:  # the folder's own files make the thumbnails; other sources the pixels just clustered
+        info = write_browse_page(Path(args.out), data.name, Path(args.browse), features=feats.numpy(),
+                                 images=None if data.paths is not None else data.images)
+        print(report_written(info))
+    if args.folders:
+        counts = write_cluster_folders(read_clusters_csv(Path(args.out)), data.name, Path(args.folders))
+        print(f"wrote {len(counts)} cluster folders of links to the images into {args.folders}")
     return 0
 
 
@@ -130,3 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature", choices=("embedding", "pooled"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+    p.add_argument("--browse", metavar="DIR", help="also write the cluster browser page into DIR (as deepclust browse "
+                   "does, with a map of the cluster centres)")
+    p.add_argument("--folders", metavar="DIR", help="also write one folder per cluster (cluster_NNNN) of links to the "
+                   "images into the new folder DIR (a folder --data only; copies where links are impossible)")

@@ -236,14 +236,15 @@ def matching_table(assignments: np.ndarray, labels: np.ndarray, names: list[str]
 
 
 def embedding_sections(payload: dict[str, Any], config: dict[str, Any], test_spec: str | None, k: int | None,
-                       max_points: int, device: str) -> str:
+                       max_points: int, device: str, labels: str | None = None) -> str:
     """t-SNE / UMAP of the test images, k-means clusters against classes, montages of those clusters."""
     spec = test_spec or config.get("test_data") or default_test_spec(config.get("data", "digits"))
     if spec is None:
         return ('<h2>Test embeddings</h2><p class="note">No test data (pass --test-data): no embeddings or '
                 "clusters of test images to show.</p>")
     subset = None if test_spec else config.get("test_subset")
-    data = load_data(spec, "test", payload["backbone"]["image_size"], config.get("bad_images", "fail"), subset)
+    data = load_data(spec, "test", payload["backbone"]["image_size"], config.get("bad_images", "fail"), subset,
+                     labels=labels)
     if len(data) > max_points:
         data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_points].sort()
                            .values)
@@ -327,18 +328,33 @@ def summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def learned_sections(run_dir: Path, config: dict[str, Any], test_spec: str | None, k: int | None,
-                     max_points: int, device: str) -> str:
+                     max_points: int, device: str, labels: str | None = None) -> str:
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
         return '<p class="note">No checkpoint.pt in the run folder: no embeddings or clusters to show.</p>'
     payload = load_checkpoint(checkpoint)
-    return (embedding_sections(payload, config, test_spec, k, max_points, device)
+    return (embedding_sections(payload, config, test_spec, k, max_points, device, labels)
             + own_clusters_section(payload, device))
 
 
+def browse_pages(run_dir: Path) -> list[Path]:
+    """Cluster browser pages (deepclust browse, cluster --browse) in folders of the run: index.html with clusters.js."""
+    return sorted(d / "index.html" for d in run_dir.iterdir()
+                  if d.is_dir() and (d / "index.html").is_file() and (d / "clusters.js").is_file())
+
+
+def browse_links(run_dir: Path) -> str:
+    pages = browse_pages(run_dir)
+    if not pages:
+        return ""
+    links = ", ".join(f'<a href="{html.escape(p.relative_to(run_dir).as_posix())}">{html.escape(p.parent.name)}/</a>'
+                      for p in pages)
+    return f"<p class='sub'>Look at every cluster, name and fix them: {links} (cluster browser)</p>"
+
+
 def write_report(run_dir: Path, test_spec: str | None = None, k: int | None = None, max_points: int = 2000,
-                 device: str = "cpu") -> Path:
-    """Write ``run_dir/report.html``; returns its path."""
+                 device: str = "cpu", labels: str | None = None) -> Path:
+    """Write ``run_dir/report.html``; returns its path. ``labels`` (a path,label CSV) labels the test images."""
     config, rows = read_run(run_dir)
     title = f"{config.get('method', 'run')} on {config.get('data', '?')}"
     columns: list[str] = []
@@ -347,8 +363,9 @@ def write_report(run_dir: Path, test_spec: str | None = None, k: int | None = No
     body = [f"<h1>deepclust report: {html.escape(title)}</h1>",
             f"<p class='sub'>{summary(config, rows)} · {html.escape(str(run_dir))} · "
             f"{time.strftime('%Y-%m-%d %H:%M')}</p>",
+            browse_links(run_dir),
             curves_section(rows),
-            learned_sections(run_dir, config, test_spec, k, max_points, device),
+            learned_sections(run_dir, config, test_spec, k, max_points, device, labels),
             "<h2>Metrics log</h2><p class='sub'>metrics.jsonl, one row per epoch (epoch -1: the untrained "
             "network).</p><div class='scroll'>"
             + table(columns, [[r.get(c) for c in columns] for r in rows], "metrics") + "</div>"]
@@ -358,7 +375,8 @@ def write_report(run_dir: Path, test_spec: str | None = None, k: int | None = No
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"wrote {write_report(Path(args.run_dir), args.test_data, args.k, args.max_points, args.device)}")
+    path = write_report(Path(args.run_dir), args.test_data, args.k, args.max_points, args.device, args.labels)
+    print(f"wrote {path}")
     return 0
 
 
@@ -366,6 +384,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, embeddings, clusters, montages")
     p.add_argument("run_dir")
     p.add_argument("--test-data", help="default: the run's test data")
+    p.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling the test images "
+                   "the report shows, instead of their own labels")
     p.add_argument("--k", type=int, help="k-means clusters of the test images (default: the class count, else 10)")
     p.add_argument("--max-points", type=int, default=2000, help="test images embedded at most (a random subset)")
     p.add_argument("--device", default="cpu")

@@ -45,6 +45,7 @@ from .folder import (
     natural_size,
 )
 from .images import DataError, DiskImages, ImageData, IndexedImages
+from .labels_file import align_classes, apply_labels_file, read_labels_csv
 from .npz import load_npz, npz_images_shape, read_npy_header
 from .pixels import check_memory, labels_tensor, square_uint8, to_nchw_uint8
 from .subsets import long_tail_counts, long_tail_subset, random_subset
@@ -57,6 +58,7 @@ __all__ = [
     "default_test_spec", "is_cache", "labels_tensor", "list_image_folder", "load_cache", "load_data", "load_digits",
     "load_folder", "load_npz", "load_torchvision", "load_train_test", "log_report", "long_tail_counts",
     "long_tail_subset", "natural_size", "npz_images_shape", "parse_spec", "random_subset", "read_cache_header",
+    "read_labels_csv", "align_classes", "apply_labels_file",
     "read_npy_header", "square_uint8", "to_nchw_uint8",
 ]
 
@@ -91,13 +93,15 @@ def load_data(
     subset_imbalance: float | None = None,
     backbone: str | None = None,
     workers: int | None = None,
+    labels: str | None = None,
 ) -> ImageData:
     """Load any supported source as an in-memory ``ImageData``; see the module docstring.
 
     ``subset`` keeps a fixed random subset; ``subset_imbalance`` then a long-tailed one (``long_tail_subset``,
     ODC's protocol with ratio 64). Without ``image_size`` a source keeps its own size; a folder, whose files may
     differ, gets their median shorter side capped at ``backbone``'s natural input (``default_image_size``).
-    A folder is decoded by ``workers`` processes (None: one per core).
+    A folder is decoded by ``workers`` processes (None: one per core). ``labels`` (a path,label or index,label
+    CSV, e.g. the cluster browser's labels.csv) replaces the source's labels; images it does not list are left out.
     """
     if bad_images not in ("fail", "skip"):
         raise DataError(f"bad_images must be 'fail' or 'skip', not {bad_images!r}")
@@ -114,6 +118,8 @@ def load_data(
     else:
         data = load_torchvision(kind, root, split)
     data = random_subset(data, subset, subset_seed)
+    if labels is not None:
+        data = apply_labels_file(data, labels)
     if subset_imbalance is not None:
         data = long_tail_subset(data, subset_imbalance, subset_seed)
     size = image_size or min(data.images.shape[-2:])
@@ -143,12 +149,15 @@ def default_test_spec(spec: str) -> str | None:
 def load_train_test(spec: str, test_spec: str | None = None, image_size: int | None = None, bad_images: str = "fail",
                     subset: int | None = None, test_subset: int | None = None,
                     subset_imbalance: float | None = None,
-                    backbone: str | None = None) -> tuple[ImageData, ImageData | None]:
+                    backbone: str | None = None, labels: str | None = None) -> tuple[ImageData, ImageData | None]:
     """A training source and its test data (``test_spec``, else the split that belongs with ``spec``, else
     None), the test images at the training images' size. ``subset_imbalance`` applies to the training
-    images only: the test set stays balanced. ``backbone`` caps a folder's default size (``load_data``)."""
+    images only: the test set stays balanced. ``backbone`` caps a folder's default size (``load_data``).
+    ``labels`` labels the training images (``load_data``); the test labels are renumbered onto its class names."""
     train = load_data(spec, "train", image_size, bad_images, subset, subset_imbalance=subset_imbalance,
-                      backbone=backbone)
+                      backbone=backbone, labels=labels)
     test_spec = test_spec or default_test_spec(spec)
     test = load_data(test_spec, "test", image_size or train.image_size, bad_images, test_subset) if test_spec else None
+    if labels is not None and test is not None:
+        test = align_classes(train, test)
     return train, test

@@ -100,6 +100,7 @@ class ImageData:
     skipped: list[str] = field(default_factory=list)
     paths: list[str] | None = None  # image files relative to the folder given (folder sources only)
     decoding: dict[str, int] = field(default_factory=dict)  # files skipped or converted, by kind (folder sources)
+    labels_agreement: float | None = None  # --labels FILE on class folders: share of the file's labels equal to them
 
     def __len__(self) -> int:
         return self.images.shape[0]
