@@ -210,3 +210,145 @@ def test_browser_page_cards_cluster_edits_reload_and_exports(browser, folder, tm
 
 def read_csv_rows_text(text: str) -> list[list[str]]:
     return list(csv.reader(text.splitlines()))
+
+
+def test_large_cluster_is_paged_and_an_index_csv_browses_any_source(browser, tmp_path, capsys):
+    """An index CSV of digits (no files): a 450-member cluster shows 200 thumbnails a page, lazily loaded."""
+    rows = [["index", "cluster", "confidence"]] + [[str(i), "0" if i < 450 else "1", f"{1 - i / 1000:.3f}"]
+                                                   for i in range(500)]
+    clusters_csv = tmp_path / "digits.csv"
+    clusters_csv.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    out = tmp_path / "page"
+    assert main(["browse", str(clusters_csv), "--data", "digits", "--out", str(out)]) == 0
+    assert len(list((out / "tiles").iterdir())) == 5  # 500 tiles, 100 a sheet
+    page = open_page(browser, out / "index.html", "#c=0")
+    page.wait_for_selector("#members img")
+    sizes = []
+    for number in (1, 2, 3):
+        page.goto((out / "index.html").as_uri() + f"#c=0&p={number}")
+        page.wait_for_selector(f"#member-pager button.current:text-is('{number}')")
+        titles = [img.get_attribute("title") for img in page.query_selector_all("#members img")]
+        sizes.append(len(titles))
+        assert titles[0] == str(200 * (number - 1))  # by confidence, descending: the CSV's order here
+    assert sizes == [200, 200, 50]
+    lazy = page.eval_on_selector_all("#members img", "imgs => imgs.every(i => i.loading === 'lazy')")
+    assert lazy
+    page.wait_for_function("document.querySelector('#members img').naturalWidth > 0")
+    assert page.errors == []
+    page.close()
+
+
+def test_bad_input_gives_a_clear_message(browser, folder, tmp_path, capsys):
+    data, clusters_csv = folder
+
+    def refused(csv_text: str, data_dir: Path = data) -> str:
+        bad = tmp_path / "bad.csv"
+        bad.write_text(csv_text)
+        assert main(["browse", str(bad), "--data", str(data_dir), "--out", str(tmp_path / "never")]) == 2
+        return capsys.readouterr().err
+
+    err = refused("file,group\nred/00.png,0\n")
+    assert "lacks the column(s) path (or index) and cluster" in err and "'file,group'" in err
+    err = refused("path,distance\nred/00.png,0.1\n")
+    assert "lacks the column(s) cluster" in err
+    err = refused("path,cluster,distance\n")
+    assert "0 rows" in err and "nothing to browse" in err
+    err = refused("path,cluster\nred/00.png,zero\n")
+    assert "line 2" in err and "'zero' is not an integer" in err
+    err = refused("path,cluster\nred/00.png,0\n", data_dir=tmp_path)
+    assert "none of the 1 paths" in err and "--data must be the folder the paths are relative to" in err
+    assert not (tmp_path / "never").exists()
+
+    # a missing file and an unreadable one: placeholder tiles and a count, not a failed page
+    broken = tmp_path / "with_broken"
+    broken.mkdir()
+    for name in ("red", "green"):
+        (broken / name).symlink_to(data / name)
+    (broken / "blue").mkdir()
+    (broken / "blue" / "bad.png").write_bytes(b"not a png at all")
+    text = clusters_csv.read_text() + "blue/bad.png,3,0.9,0.1,blue\n"
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(text)
+    out = tmp_path / "page"
+    assert main(["browse", str(mixed), "--data", str(broken), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "6 missing, 1 unreadable" in said  # blue/00..05 are not in this folder
+    page = open_page(browser, out / "index.html", "#c=3")
+    page.wait_for_selector("#members img")
+    assert "6 image file(s) of the CSV were not found" in page.inner_text("#warnings")
+    assert "1 image(s) could not be read" in page.inner_text("#warnings")
+    bad = page.query_selector_all("#members img.bad")
+    assert len(bad) == 5 and "blue/bad.png (unreadable image)" in [b.get_attribute("title") for b in bad]
+    page.wait_for_function("[...document.querySelectorAll('#members img')].every(i => i.naturalWidth > 0)")
+    assert page.errors == []
+    page.close()
+
+
+def test_cluster_browse_folders_and_the_report_link(trained_checkpoint, folder, tmp_path, capsys):
+    data, _ = folder
+    run = tmp_path / "run"
+    out_csv, page, links = run / "clusters.csv", run / "browse", tmp_path / "by_cluster"
+    assert main(["cluster", "--checkpoint", str(trained_checkpoint), "--data", str(data), "--k", "3", "--out",
+                 str(out_csv), "--browse", str(page), "--folders", str(links)]) == 0
+    said = capsys.readouterr().out
+    assert "18 images in 3 clusters" in said and "wrote 3 cluster folders" in said
+    script = (page / "clusters.js").read_text()
+    payload = json.loads(script[script.index("=") + 1:].strip().rstrip(";"))
+    assert payload["map"]["ids"] == [0, 1, 2] and all(0 <= v <= 1 for v in payload["map"]["x"] + payload["map"]["y"])
+    assert all(len(near) == 2 for near in payload["map"]["near"])  # each cluster's nearest: the other two
+    rows = read_csv_rows(out_csv)[1:]
+    linked = sorted(p for p in links.rglob("*") if p.is_symlink())
+    assert len(linked) == 18 and sorted(d.name for d in links.iterdir()) == ["cluster_0000", "cluster_0001",
+                                                                             "cluster_0002"]
+    for row in rows:  # each image linked in its cluster's folder, pointing at the file
+        link = links / f"cluster_{int(row[1]):04d}" / row[0].replace("/", "__")
+        assert link.resolve() == (data / row[0]).resolve()
+
+    # the page's edited CSV names the folders; a non-empty target is refused
+    edited = tmp_path / "edited.csv"
+    edited.write_text("path,cluster,name\n" + "".join(f"{r[0]},{r[1]},{'odd one' if r[1] == '0' else ''}\n"
+                                                      for r in rows))
+    named = tmp_path / "named"
+    assert main(["browse", str(edited), "--data", str(data), "--folders", str(named)]) == 0
+    assert "odd one" in {d.name for d in named.iterdir()}
+    assert main(["browse", str(edited), "--data", str(data), "--folders", str(named)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+
+    # report links to the page beside the run
+    from deepclust.commands.report import browse_links
+    assert 'href="browse/index.html"' in browse_links(run)
+    assert browse_links(tmp_path) == ""
+
+
+def test_labels_file_trains_supervised_and_is_checked(folder, tmp_path, capsys):
+    data, _ = folder
+    labels = tmp_path / "labels.csv"
+    rows = [(p, "warm" if p.startswith("red") else "cool") for p in sorted(p for m in CLUSTERS.values() for p in m)]
+    labels.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows[1:]))  # the first one left out
+    out = tmp_path / "run"
+    assert main(["train", "--method", "supervised", "--data", str(data), "--test-data", str(data), "--labels",
+                 str(labels), "--backbone", "convnet", "--epochs", "1", "--out", str(out), "width=8",
+                 "batch_size=16", "progress=false", "image_size=16"]) == 0
+    assert "kNN top-1" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["knn_top1"] is not None
+
+    from deepclust.data import load_data, load_train_test
+    train, test = load_train_test(str(data), str(data), 16, labels=str(labels))
+    assert len(train) == 17 and train.classes == ["cool", "warm"]
+    assert train.labels_agreement == 0  # cool / warm are never a folder's name
+    assert test.classes[:2] == ["cool", "warm"] and len(test.classes) == 5  # + blue, green, red, by name
+    assert train.labels.tolist() == [0 if p.startswith(("blue", "green")) else 1 for p, _ in rows[1:]]
+
+    bad = tmp_path / "bad_labels.csv"
+    bad.write_text("path,label\nred/00.png,warm\nelsewhere/x.png,cool\n")
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data), "--test-data", str(data),
+                 "--labels", str(bad)]) == 2
+    assert "1 of the 2 rows" in capsys.readouterr().err
+    bad.write_text("file,name\nred/00.png,warm\n")
+    try:
+        load_data(str(data), labels=str(bad))
+    except ValueError as err:
+        assert "needs the columns path (or index) and label" in str(err)
+    else:
+        raise AssertionError("a labels file without path,label columns was accepted")

@@ -267,7 +267,7 @@ def cluster_map(cluster_ids: list[int], cluster: np.ndarray, features: np.ndarra
     xy = (xy - xy.min(0)) / span
     distances = ((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(distances, np.inf)
-    near = np.argsort(distances, axis=1)[:, :MAP_NEIGHBOURS]
+    near = np.argsort(distances, axis=1)[:, :min(MAP_NEIGHBOURS, len(centres) - 1)]  # itself (inf) last
     return {"ids": cluster_ids, "x": [round(float(v), 4) for v in xy[:, 0]],
             "y": [round(float(v), 4) for v in xy[:, 1]],
             "near": [[cluster_ids[j] for j in row if j < len(cluster_ids)] for row in near.tolist()]}

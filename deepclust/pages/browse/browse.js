@@ -339,7 +339,7 @@
         if (!live.has(r)) return;
         const mine = r === id;
         ctx.fillStyle = mine ? "#d22" : "rgba(31, 95, 168, 0.55)";
-        const s = mine ? 5 : 3;
+        const s = mine ? 8 : 4;
         ctx.fillRect(pad + D.map.x[i] * (W - 2 * pad) - s / 2, pad + (1 - D.map.y[i]) * (H - 2 * pad) - s / 2, s, s);
       });
       canvas.onclick = (ev) => {
