@@ -51,6 +51,8 @@ class TrainConfig:
     lr_schedule: str = "step"  # step: x lr_decay at each lr_decay_at | linear: to 0 over a round (UIC) | cosine
     lr_decay_at: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of a round
     lr_decay: float = 0.1
+    warmup_epochs: int = 0  # a linear lr warm-up over the first epochs of a round (solo-learn's SwAV: 10)
+    optimizer: str = "sgd"  # sgd (the shared protocol) | lars (solo-learn's SwAV / DeepClusterV2 recipes)
     # run
     seed: int = 0
     deterministic: bool = False
@@ -226,6 +228,7 @@ class Device:
 Rule = Range | Choice | Device
 FRACTION = Range(0, 1, "()")
 LR_SCHEDULES = ("step", "linear", "cosine")
+OPTIMIZERS = ("sgd", "lars")
 UNIT = Range(0, 1)
 # Free-form fields: the method (resolve checks it), paths (checked where they are read) and booleans (coerce).
 UNCHECKED = ("method", "data", "test_data", "out", "init")
@@ -245,7 +248,8 @@ def rules(method: str) -> dict[str, Rule]:
         "bad_images": Choice(("fail", "skip")), "num_workers": at_least(0), "epochs": at_least(1),
         "rounds": at_least(1), "batch_size": at_least(2),  # BatchNorm needs 2 samples a batch
         "lr": above(0), "momentum": Range(0, 1, "[)"), "weight_decay": at_least(0), "lr_decay_at": FRACTION,
-        "lr_schedule": Choice(LR_SCHEDULES), "lr_decay": Range(0, 1, "(]"), "seed": Range(0, 2**32 - 1),
+        "lr_schedule": Choice(LR_SCHEDULES), "warmup_epochs": at_least(0), "optimizer": Choice(OPTIMIZERS),
+        "lr_decay": Range(0, 1, "(]"), "seed": Range(0, 2**32 - 1),
         "device": Device(), "threads": at_least(1),
         "logger": Choice(("jsonl", "tensorboard")), "stop_after": at_least(1), "checkpoint_every": at_least(1),
         "nan_policy": Choice(("stop", "skip")), "eval_every": at_least(0), "knn_k": at_least(1),

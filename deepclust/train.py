@@ -46,6 +46,7 @@ from .epoch import (
 from .eval import extract_features, knn_accuracy
 from .methods import METHODS
 from .methods.base import EpochContext
+from .optim import make_optimizer
 from .run import Run
 from .run_folder import check_same_config, claim_folder, resume_from_checkpoint
 from .runtime import allow_sync, autocast_dtype, choose_threads, configure_device
@@ -73,11 +74,15 @@ def epoch_seed(seed: int, round_: int, epoch: int) -> int:
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """The lr of ``epoch`` of a round (every schedule restarts each round). step: x lr_decay at each fraction in
-    lr_decay_at; linear: from lr down to lr / epochs in the last epoch (UIC's recipe); cosine: half a cosine."""
+    lr_decay_at; linear: from lr down to lr / epochs in the last epoch (UIC's recipe); cosine: half a cosine.
+    ``warmup_epochs``: first a linear rise, lr (e + 1) / (warmup + 1) in epoch e, then the schedule."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1 - epoch / cfg.epochs)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.lr_schedule == "cosine":  # after a warm-up, over the epochs left (solo-learn's warmup_cosine)
+        w = cfg.warmup_epochs
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - w) / (cfg.epochs - w)))
     steps = sum(epoch >= math.ceil(f * cfg.epochs) for f in cfg.lr_decay_at)
     return cfg.lr * cfg.lr_decay**steps
 
@@ -134,8 +139,7 @@ def setup(cfg: TrainConfig, hparams: Any, resume: bool = False) -> Run:
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, method.param_groups(), cfg.lr, cfg.momentum, cfg.weight_decay)
     model = None
     if world > 1:  # the bank and labels are replicated and updated from gathered steps, never broadcast per step
         model = torch.nn.parallel.DistributedDataParallel(

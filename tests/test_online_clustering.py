@@ -217,3 +217,30 @@ def test_swavs_queue_joins_the_codes_only_once_full():
     assert not torch.allclose(with_queue, alone, atol=1e-3)
     both = torch.cat((swav.prototypes(swav.queue.rows[0])[0], scores))
     assert torch.allclose(with_queue, sinkhorn(both, 0.05, 3)[16:], atol=1e-6)
+
+
+def test_lars_scales_each_weights_step_by_its_trust_ratio_and_leaves_biases_plain():
+    from deepclust.optim import LARS
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([0.5])  # |g| = 2
+    opt.step()
+    ratio = 0.02 * 5 / (2 + 0.1 * 5 + 1e-9)  # 0.04, under the clip 1 / lr = 2
+    step = (torch.tensor([[0.0, 2.0]]) + 0.1 * torch.tensor([[3.0, 4.0]])) * ratio
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * step)
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 0.5]))  # 1-d: plain SGD, no weight decay
+    w.grad, b.grad = torch.zeros(1, 2), torch.zeros(1)  # a zero gradient: ratio 1, the momentum carries on
+    before = w.detach().clone()
+    opt.step()
+    assert torch.allclose(w.detach(), before - 0.5 * (0.9 * step + 0.1 * before))
+
+
+def test_warm_up_then_cosine_over_the_epochs_left():
+    from deepclust.config import TrainConfig
+    from deepclust.train import lr_at
+
+    cfg = TrainConfig(epochs=6, lr=0.6, lr_schedule="cosine", warmup_epochs=2)
+    assert [lr_at(cfg, e) for e in range(6)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.3 * (1 + math.cos(math.pi / 4)), 0.3, 0.3 * (1 + math.cos(3 * math.pi / 4))])

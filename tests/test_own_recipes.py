@@ -14,8 +14,8 @@ from deepclust.train import train
 OWN = sorted(p.stem for p in (CONFIG_DIR / "own").glob("*.yaml"))
 
 
-def test_the_five_clustering_recipes_are_there():
-    assert OWN == ["and", "deepcluster", "odc", "pcp", "uic"]
+def test_the_clustering_recipes_are_there():
+    assert OWN == ["and", "deepcluster", "deepclusterv2", "odc", "pcp", "sela", "swav", "uic"]
 
 
 @pytest.mark.parametrize("method", OWN)
@@ -36,6 +36,10 @@ def test_the_recipes_differ_from_the_shared_protocol_where_their_papers_do():
     assert own["uic"][0].lr_schedule == "linear" and shared["uic"][0].lr_schedule == "step"
     assert own["odc"][1].head_momentum == 0.0 and shared["odc"][1].head_momentum is None
     assert own["pcp"][0].rounds == 5 and shared["pcp"][0].rounds == 1
+    for m in ("swav", "deepclusterv2"):  # solo-learn's CIFAR recipes: LARS with warm-up and cosine
+        assert (own[m][0].optimizer, own[m][0].lr_schedule, own[m][0].warmup_epochs) == ("lars", "cosine", 10)
+        assert shared[m][0].optimizer == "sgd" and own[m][1].projector_hidden == 2048
+    assert own["swav"][1].queue_length == 3840 and shared["swav"][1].queue_length == 0
 
 
 @pytest.mark.parametrize("method", OWN)
@@ -47,6 +51,8 @@ def test_an_own_recipe_trains_on_tiny_data(tmp_path, method):
              "rounds": min(2, recipe.get("rounds", 1))}
     small.update({"k": 8} if "k" in recipe else {}, **({"min_clusters": 8} if method == "pcp" else {}))
     small.update({"min_cluster": 2} if method == "odc" else {}, **({"fft_epochs": 1} if method == "uic" else {}))
+    small.update({"queue_length": 64, "projector_hidden": 32, "prototypes": 16} if method == "swav" else {},
+                 **({"projector_hidden": 32, "warmup_epochs": 1} if method in ("swav", "deepclusterv2") else {}))
     cfg, hp = resolve([recipe, small])
     train(cfg, hp)
     rows = read_rows(tmp_path / "r")
