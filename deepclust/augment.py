@@ -170,6 +170,8 @@ class Augment:
     gray_p: float = 0.2
     flip_p: float = 0.5
     compiled: bool = False  # ``apply`` through torch.compile (compile=true): ~470 small kernels a view become a few
+    mean: tuple[float, ...] = MEAN  # the backbone's normalisation (``Backbone.mean`` / ``std``: a timm model's own)
+    std: tuple[float, ...] = STD
 
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -195,9 +197,10 @@ class Augment:
         if len(images) == 0:  # e.g. a view only some rows need, on a rank that has none of them
             return images.new_zeros((0, images.shape[1], self.size, self.size), dtype=torch.float32)
         if self.compiled:
-            return compiled_apply()(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size)
+            return compiled_apply()(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size,
+                                    mean=self.mean, std=self.std)
         return apply_draw(images, p.boxes, p.flip, p.factors, p.jitter, p.order, p.to_gray, self.size,
-                          masked=images.device.type != "cpu")
+                          masked=images.device.type != "cpu", mean=self.mean, std=self.std)
 
 
 SMALL_CROP_FRACTION = 18 / 32  # solo-learn's CIFAR multi-crop: 18 px small crops of 32 px images (SwAV: 96 of 224)
@@ -214,14 +217,14 @@ def small_crop(augment: Augment, size: int | None = None, scale: Sequence[float]
 
 def apply_draw(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, factors: torch.Tensor,
                jitter: torch.Tensor, order: torch.Tensor, to_gray: torch.Tensor, size: int,
-               masked: bool = True) -> torch.Tensor:
+               masked: bool = True, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
     """One draw's crop, flip, jitter, grey and normalisation of uint8 images (tensors only: it compiles whole).
     ``masked``: the jitter that reads nothing on the host (a GPU's, and the compiled one's on any device)."""
     p = AugmentDraw(boxes, flip, factors, jitter, order, to_gray)
     x = resized_crop(images.float().div(255), boxes, size, flip)
     x = color_jitter_masked(x, p) if masked else color_jitter_rows(x, p)
     x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-    return normalize(x)
+    return normalize(x, mean, std)
 
 
 _COMPILED_APPLY = None
@@ -275,13 +278,15 @@ def channel_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Ten
     return out
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - channel_constant(MEAN, x)) / channel_constant(STD, x)
+def normalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+    return (x - channel_constant(mean, x)) / channel_constant(std, x)
 
 
-def test_transform(images: torch.Tensor, size: int) -> torch.Tensor:
-    """No augmentation: uint8 (B,3,S,S) -> normalised float, resized when S differs from ``size``."""
+def test_transform(images: torch.Tensor, size: int, mean: tuple[float, ...] = MEAN,
+                   std: tuple[float, ...] = STD) -> torch.Tensor:
+    """No augmentation: uint8 (B,3,S,S) -> normalised float (``mean`` / ``std``: the backbone's), resized when S
+    differs from ``size``."""
     x = images.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(x)
+    return normalize(x, mean, std)

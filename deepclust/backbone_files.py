@@ -2,8 +2,10 @@
 
 A file is one of: a deepclust training checkpoint, a ``deepclust export`` (safetensors with metadata, or a
 torchvision-format ``.pth``), or a plain torchvision / timm state_dict (``.pth``, ``.pt``, ``.bin`` or
-``.safetensors``) of a supported backbone: resnet18, resnet50 (either stem) or vgg16_bn. Nothing is
-unpickled: torch files load with ``weights_only=True``, safetensors hold tensors only.
+``.safetensors``) of a supported backbone: resnet18, resnet50 (either stem) or vgg16_bn, or, with
+``--backbone timm:NAME``, of any timm model (timm's names, and the names DINOv2's and OpenAI / OpenCLIP CLIP
+files use, converted as timm converts them; see ``timm_state``). Nothing is unpickled: torch files load with
+``weights_only=True``, safetensors hold tensors only.
 
 ``read_backbone_file`` returns the trunk's tensors under torchvision's names (VGG: ``features.N``) and what
 the file looks like (architecture, stem, Sobel input); ``load_trunk`` loads them strictly into a
@@ -17,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backbones import Backbone
+from .backbones import TIMM_PREFIX, Backbone, check_input_size, timm_default_size, timm_name
 from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, check_compatible, load_checkpoint
 from .config import ConfigError
 from .export import EXPORT_FORMAT, torchvision_names, trunk_names
@@ -57,6 +60,7 @@ class BackboneFile:
     dropped: list[str] = field(default_factory=list)  # the file's classifier keys, not loaded
     head: dict[str, torch.Tensor] | None = None  # deepclust's embedding head (checkpoints only)
     payload: dict[str, Any] | None = None  # the whole checkpoint
+    full_state: dict[str, torch.Tensor] | None = None  # every tensor, the classifier's too (for timm_state)
 
     @property
     def description(self) -> str:
@@ -170,9 +174,9 @@ def read_backbone_file(path: str | Path) -> BackboneFile:
         looks = looks if spec["name"].startswith(("resnet", "vgg")) else spec["name"]  # ConvNet, AlexNet: Sequential
         return BackboneFile(path, "checkpoint", state, looks,
                             spec["name"], stem, spec["sobel"], spec["image_size"], spec["width"], spec["embed_dim"],
-                            payload["method"], head=head, payload=payload)
+                            payload["method"], head=head, payload=payload, full_state=state)
     meta = {k: meta_value(v) for k, v in raw_meta.items()}
-    state = plain_state(obj, path)
+    state = full_state = plain_state(obj, path)
     dropped = [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
     state = {k: v for k, v in state.items() if k not in dropped}
     if meta.get("format") == EXPORT_FORMAT:
@@ -180,9 +184,9 @@ def read_backbone_file(path: str | Path) -> BackboneFile:
         looks, _, stem, _ = identify(state)
         looks = looks if name.startswith(("resnet", "vgg")) else name
         return BackboneFile(path, "export", state, looks, name, stem, bool(meta.get("sobel")), meta.get("image_size"),
-                            meta.get("width"), method=meta.get("method"), dropped=dropped)
+                            meta.get("width"), method=meta.get("method"), dropped=dropped, full_state=full_state)
     looks, name, stem, sobel = identify(state)
-    return BackboneFile(path, "state_dict", state, looks, name, stem, sobel, dropped=dropped)
+    return BackboneFile(path, "state_dict", state, looks, name, stem, sobel, dropped=dropped, full_state=full_state)
 
 
 def listed(keys: list[str]) -> str:
@@ -208,10 +212,70 @@ def stem_error(file: BackboneFile, backbone: Backbone, image_size: int, size_fla
                            f"stem: {fix}")
 
 
+def classifier_prefixes(trunk: torch.nn.Module) -> tuple[str, ...]:
+    """The key prefixes of a timm model's classifier (its config's ``classifier``: ``head``, ConvNeXt's
+    ``head.fc``, ResNet's ``fc``; DeiT's two heads), which its ``num_classes=0`` trunk does not have."""
+    names = (getattr(trunk, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+
+
+def timm_state(trunk: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` under the timm model's own names, and the classifier keys left out. timm's converter for the
+    model's family (``checkpoint_filter_fn``: DINOv2's and OpenAI / OpenCLIP CLIP's names, position embeddings
+    resampled to the grid of this image size) runs first; a file it cannot read is compared as it is. Patches of
+    another size are refused (timm would resample the patch embedding: another network)."""
+    mine = trunk.state_dict()
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and "patch_embed.proj.weight" in mine and kernel.dim() == 4 and \
+            kernel.shape[-2:] != mine["patch_embed.proj.weight"].shape[-2:]:
+        raise CheckpointError(f"{path} cuts images into {kernel.shape[-1]}x{kernel.shape[-2]} patches, the backbone "
+                              f"into {mine['patch_embed.proj.weight'].shape[-1]}x"
+                              f"{mine['patch_embed.proj.weight'].shape[-2]}: pass the timm:NAME of the file's model "
+                              f"(e.g. a _patch{kernel.shape[-1]} one)")
+    converter = getattr(sys.modules.get(type(trunk).__module__), "checkpoint_filter_fn", None)
+    if converter is not None:
+        try:
+            state = converter(dict(state), trunk)
+        except Exception as err:  # a file of another family: its keys are named below
+            log.debug("timm's converter did not take %s: %s", path, err)
+    prefixes = classifier_prefixes(trunk)
+    dropped = [k for k in state if k not in mine and k.startswith(prefixes)]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def load_timm_trunk(backbone: Backbone, file: BackboneFile) -> str:
+    """``load_trunk`` for a ``timm:NAME`` backbone: the file's tensors (``timm_state``) into the timm model,
+    strictly, naming missing, unexpected and mis-shaped keys."""
+    state, dropped = timm_state(backbone.trunk, file.full_state if file.full_state is not None else file.state,
+                                file.path)
+    want = backbone.trunk.state_dict()
+    counters = {k: v for k, v in want.items() if k.endswith("num_batches_tracked") and k not in state}
+    missing = [k for k in want if k not in state and k not in counters]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} (the backbone's: {tuple(want[k].shape)})" for k in want
+              if k in state and state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        parts = ([f"missing keys {listed(missing)}"] if missing else []) + \
+            ([f"unexpected keys {listed(unexpected)}"] if unexpected else []) + \
+            ([f"other shapes {listed(shapes)}"] if shapes else [])
+        raise CheckpointError(f"{file.path} does not fit backbone {backbone.name}: {'; '.join(parts)}. Pass the "
+                              f"{TIMM_PREFIX}NAME of the model the file was saved from (it looks like "
+                              f"{file.looks_like})")
+    backbone.trunk.load_state_dict({**state, **counters}, strict=True)
+    what = file.description if file.kind != "state_dict" else f"a plain state_dict of {backbone.name}"
+    loaded = f"{len(state)} tensors of {what}"
+    if dropped:
+        loaded += f"; not loaded: its classifier ({listed(dropped)})"
+    return loaded
+
+
 def load_trunk(backbone: Backbone, file: BackboneFile, image_size: int, size_flag: str = "image_size={}") -> str:
     """Load ``file``'s trunk into ``backbone``'s, strictly: every parameter and running statistic of the
     trunk, none extra, each of its shape (a missing BatchNorm step counter, which timm files may lack, starts
     at 0). Returns what was loaded, for the log. ``size_flag``: how the caller's user sets the image size."""
+    if timm_name(backbone.name) is not None:
+        return load_timm_trunk(backbone, file)
     if backbone.name.startswith("resnet") and file.name and file.name.startswith("resnet") and file.stem:
         built = "imagenet" if backbone.trunk.conv1.kernel_size == (7, 7) else "cifar"
         if built != file.stem and "conv1.weight" in file.state:
@@ -294,15 +358,23 @@ def open_backbone(path: str | Path, name: str | None = None, image_size: int | N
             raise CheckpointError(f"{path} is a deepclust checkpoint of backbone {spec['name']}, not {name}; "
                                   "leave out --backbone")
         model = backbone_from_checkpoint(file.payload).eval()
+        if image_size is not None:  # a ViT takes other sizes its patches tile
+            check_input_size(spec["name"], image_size, spec["sobel"])
         return OpenedBackbone(model, image_size or spec["image_size"], feature or file.payload["eval_feature"], file)
     if feature == "embedding":
         raise ConfigError(f"{path} is {file.description}: it has no trained embedding head (only deepclust "
                           "checkpoints do); use --feature pooled")
     name = name or file.name
+    if name is not None and timm_name(name) is not None:  # built at the size asked for (ViTs: the position
+        built = image_size or file.image_size or timm_default_size(name)  # embeddings resampled to its grid)
+        model = Backbone(name, built, sobel=file.sobel)
+        log.info("%s: %s; the embedding head is not used (pooled features)", path, load_trunk(model, file, built))
+        return OpenedBackbone(model.to(memory_format=torch.channels_last).eval(), built, "pooled", file)
     if name is None:
         raise CheckpointError(f"{path} is {file.description}, which is none of the backbones deepclust reads "
                               "from a plain file (resnet18, resnet18_cifar, resnet50, vgg16_bn; any one from deepclust "
-                              "export): pass --backbone NAME if it is one of them")
+                              "export): pass --backbone NAME if it is one of them, or --backbone timm:NAME for the "
+                              "timm model it was saved from")
     # the size the network is built at decides a ResNet's stem: the file's own
     built = file.image_size or (CIFAR_SIZE if file.stem == "cifar" else IMAGENET_SIZE)
     model = Backbone(name, built, sobel=file.sobel, width=file.width or 32)
@@ -312,13 +384,15 @@ def open_backbone(path: str | Path, name: str | None = None, image_size: int | N
     return OpenedBackbone(model, image_size or built, "pooled", file)
 
 
-BACKBONE_FILE_HELP = ("a deepclust checkpoint, a file of deepclust export, or a torchvision / timm state_dict of "
-                      "resnet18, resnet50 or vgg16_bn (.pth, .pt, .bin, .safetensors)")
+BACKBONE_FILE_HELP = ("a deepclust checkpoint, a file of deepclust export, a torchvision / timm state_dict of "
+                      "resnet18, resnet50 or vgg16_bn, or (with --backbone timm:NAME) of any timm model, DINOv2 and "
+                      "CLIP files included (.pth, .pt, .bin, .safetensors)")
 
 
 def add_backbone_file_flags(parser: argparse.ArgumentParser) -> None:
     """--backbone and --image-size, for a --checkpoint that is a plain backbone file."""
     parser.add_argument("--backbone", help="a plain backbone file's deepclust backbone, where its keys do not say it "
-                        "(resnet18, resnet18_cifar, resnet50, vgg16_bn)")
+                        "(resnet18, resnet18_cifar, resnet50, vgg16_bn), or timm:NAME for a timm model's file "
+                        "(e.g. timm:vit_small_patch14_dinov2.lvd142m; needs pip install 'deepclust[timm]')")
     parser.add_argument("--image-size", type=int, help="resize the images to this size (default: the size deepclust "
-                        "trained at; a plain file: 224, 32 for a CIFAR-stem ResNet)")
+                        "trained at; a plain file: 224, 32 for a CIFAR-stem ResNet, a timm model's own input size)")

@@ -225,7 +225,23 @@ class Device:
         return "auto, cpu, cuda or cuda:N"
 
 
-Rule = Range | Choice | Device
+class BackboneName:
+    """One of deepclust's backbones, or timm:NAME for a model timm knows (``backbones.check_backbone_name``, which
+    raises the error itself: it names the extra to install when timm is missing)."""
+
+    def __contains__(self, value: str) -> bool:
+        from .backbones import check_backbone_name
+
+        check_backbone_name(value)
+        return True
+
+    def __str__(self) -> str:
+        from .backbones import BACKBONES
+
+        return f"one of {', '.join(BACKBONES)}, or timm:NAME"
+
+
+Rule = Range | Choice | Device | BackboneName
 FRACTION = Range(0, 1, "()")
 LR_SCHEDULES = ("step", "linear", "cosine")
 OPTIMIZERS = ("sgd", "lars")
@@ -236,13 +252,12 @@ UNCHECKED = ("method", "data", "test_data", "out", "init")
 
 def rules(method: str) -> dict[str, Rule]:
     """The valid values of every non-boolean config field of ``method`` (TrainConfig's and its Config's)."""
-    from .backbones import BACKBONES
     from .memory import BANK_DTYPES
     from .methods.pad import HPE_CHOICES
 
     table: dict[str, Rule] = {
         # TrainConfig
-        "backbone": Choice(tuple(BACKBONES)), "width": at_least(1), "embed_dim": at_least(1),
+        "backbone": BackboneName(), "width": at_least(1), "embed_dim": at_least(1),
         "image_size": at_least(8),  # the ConvNet's and AlexNet's three 2x2 max-pools
         "subset": at_least(2), "test_subset": at_least(1), "subset_imbalance": at_least(1),
         "bad_images": Choice(("fail", "skip")), "num_workers": at_least(0), "epochs": at_least(1),

@@ -44,7 +44,10 @@ def activation_bytes(backbone: Backbone, image_size: int, amp: bool) -> int:
 
 
 def _width(backbone: Backbone) -> int:
-    """The ConvNet's width, read off its first convolution (other backbones ignore it)."""
+    """The ConvNet's width, read off its first convolution (other backbones ignore it: a timm model may have
+    no convolution at all)."""
+    if backbone.name != "convnet":
+        return 32
     first = next(m for m in backbone.trunk.modules() if isinstance(m, torch.nn.Conv2d))
     return first.out_channels
 

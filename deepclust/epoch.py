@@ -151,7 +151,7 @@ def make_batch(method: Method, augment: Augment, pixels: torch.Tensor, index: to
         view_rows.append(rows)
     if channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    clean = test_transform(pixels, augment.size) if method.clean_view else None
+    clean = test_transform(pixels, augment.size, augment.mean, augment.std) if method.clean_view else None
     return Batch(views, index, clean, view_rows)
 
 

@@ -2,20 +2,20 @@
 
 ResNets and VGG keep torchvision's parameter names, so the exported state_dict loads with ``strict=True``
 into ``torchvision.models.<name>()`` once its classifier is replaced by ``nn.Identity()`` (method heads,
-memory banks and optimiser state are not exported). ``load_backbone`` rebuilds any exported backbone.
+memory banks and optimiser state are not exported); a ``timm:NAME`` backbone keeps timm's, and loads strictly
+into ``timm.create_model(NAME, num_classes=0)`` (a ViT: with ``img_size`` its training size, whose grid its
+position embeddings have). ``load_backbone`` rebuilds any exported backbone.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .augment import MEAN, STD
-from .backbones import BACKBONES, Sobel
+from .backbones import Sobel, build_trunk, normalization, timm_build_kwargs, timm_name
 from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, load_checkpoint
 from .config import ConfigError
 
@@ -32,8 +32,24 @@ def small_stem(state: dict[str, torch.Tensor]) -> bool:
     return "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
 
 
-def how_to_load(name: str, state: dict[str, torch.Tensor], sobel: bool, fmt: str, path: str) -> str:
+def how_to_load_timm(name: str, image_size: int, path: str) -> str:
+    """Python lines that load a timm backbone's export into timm's model (``img_size`` where the model has one:
+    a ViT's position embeddings are those of its training size)."""
+    from .backbones import import_timm
+
+    model = timm_name(name)
+    kwargs = timm_build_kwargs(import_timm(name), model, 3, image_size)
+    size = f", img_size={image_size}" if "img_size" in kwargs else ""
+    return (f"import timm\nfrom safetensors.torch import load_file\n"
+            f"model = timm.create_model({model!r}, num_classes=0{size})  # pooled features, no classifier\n"
+            f"model.load_state_dict(load_file({path!r}), strict=True)")
+
+
+def how_to_load(name: str, state: dict[str, torch.Tensor], sobel: bool, fmt: str, path: str,
+                image_size: int = 224) -> str:
     """Python lines that load the exported file into torchvision's (or timm's) model of the same architecture."""
+    if timm_name(name) is not None and not sobel:
+        return how_to_load_timm(name, image_size, path)
     tv = TORCHVISION_NAMES.get(name)
     if tv is None or sobel:
         why = "Sobel input" if sobel else "no torchvision counterpart"
@@ -68,12 +84,6 @@ def trunk_names(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Te
     return {"0." + k[len("features."):]: v for k, v in state.items()}
 
 
-def backbone_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The trunk's parameters and buffers under torchvision's names (VGG: ``features.N``); nothing else."""
-    trunk = backbone_from_checkpoint(payload).trunk
-    return torchvision_names({k: v.contiguous() for k, v in trunk.state_dict().items()}, payload["backbone"]["name"])
-
-
 def export_format(out: str | Path, fmt: str | None = None) -> str:
     """``fmt``, or the one ``out``'s suffix names (.safetensors, .pt / .pth; else safetensors); a format whose
     file kind the suffix contradicts (a torchvision pickle named .safetensors, ...) is a ConfigError."""
@@ -97,15 +107,25 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str | None = N
     payload = load_checkpoint(checkpoint)
     spec = payload["backbone"]
     name = spec["name"]
-    if fmt != "safetensors" and (name not in TORCHVISION_NAMES or spec["sobel"]):
+    if timm_name(name) is not None:
+        if spec["sobel"] and fmt != "safetensors":
+            raise CheckpointError(f"backbone {name} with Sobel input has no timm counterpart; export with --format "
+                                  "safetensors and load it with deepclust.load_backbone")
+        if fmt == "torchvision":
+            raise CheckpointError(f"backbone {name} has no torchvision counterpart; use --format timm (a safetensors "
+                                  "file under timm's names, as --format safetensors writes)")
+    elif fmt != "safetensors" and (name not in TORCHVISION_NAMES or spec["sobel"]):
         raise CheckpointError(f"backbone {name}{' with Sobel input' if spec['sobel'] else ''} has no {fmt} "
                               "counterpart; export with --format safetensors and load it with deepclust.load_backbone")
     if fmt == "timm" and name == "vgg16_bn":
         raise CheckpointError("timm's VGG adds pre-logits layers this export does not have; use --format torchvision")
-    state = backbone_state(payload)
+    trunk = backbone_from_checkpoint(payload).trunk
+    state = torchvision_names({k: v.contiguous() for k, v in trunk.state_dict().items()}, name)
+    mean, std = normalization(trunk)
     meta = {"format": EXPORT_FORMAT, "backbone": name, "image_size": spec["image_size"], "sobel": spec["sobel"],
             "width": spec["width"], "method": payload["method"], "torchvision": TORCHVISION_NAMES.get(name),
-            "input": f"RGB in [0, 1], normalised with mean {list(MEAN)} and std {list(STD)}, "
+            "timm": timm_name(name),
+            "input": f"RGB in [0, 1], normalised with mean {list(mean)} and std {list(std)}, "
                      f"{spec['image_size']}x{spec['image_size']}"}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,12 +135,13 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str | None = N
         from safetensors.torch import save_file
 
         save_file(state, str(out), metadata={k: json.dumps(v) for k, v in meta.items()})
-    return how_to_load(name, state, spec["sobel"], fmt, str(out))
+    return how_to_load(name, state, spec["sobel"], fmt, str(out), spec["image_size"])
 
 
 def load_backbone(path: str | Path) -> nn.Module:
     """A ready backbone in eval mode from an exported ``.safetensors`` file or a deepclust checkpoint: it maps
-    normalised images (B, 3, S, S) to pooled features (B, D). ``module.deepclust`` holds the file's metadata."""
+    normalised images (B, 3, S, S) to pooled features (B, D). ``module.deepclust`` holds the file's metadata
+    (``input``: the normalisation, a timm model's own)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no file {path}")
@@ -141,7 +162,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path} is not a deepclust backbone export (no {EXPORT_FORMAT!r} metadata)")
     state = trunk_names(state, meta["backbone"])
-    trunk, _ = BACKBONES[meta["backbone"]](2 if meta["sobel"] else 3, meta["image_size"], meta["width"])
+    trunk, _ = build_trunk(meta["backbone"], 2 if meta["sobel"] else 3, meta["image_size"], meta["width"])
     trunk.load_state_dict(state, strict=True)
     module = nn.Sequential(Sobel(), trunk) if meta["sobel"] else trunk
     module.deepclust = meta

@@ -224,7 +224,8 @@ def run_epoch(run: Run, global_epoch: int) -> dict[str, Any]:
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr if group.get("scheduled", True) else cfg.lr
-    augment = Augment(run.data.image_size, compiled=cfg.compile)  # compile=true: the augmentation too
+    augment = Augment(run.data.image_size, compiled=cfg.compile,  # compile=true: the augmentation too
+                      mean=method.backbone.mean, std=method.backbone.std)  # a timm model's own
     method.train()
     checkpoint = run.out / "checkpoint.pt"
 

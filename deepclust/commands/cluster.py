@@ -9,13 +9,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
 from ..checkpoint import CheckpointError, backbone_from_checkpoint
 from ..cluster import ClusterGeometry, check_cluster_count, cluster_geometry, kmeans
 from ..config import ConfigError
-from ..data import ImageData, load_data
+from ..data import DataError, ImageData, load_data
 from ..eval import assignment_metrics, extract_features
 from ..methods import METHODS, Method
 from .browse import check_folders_target, read_clusters_csv, report_written, write_browse_page, write_cluster_folders
@@ -76,7 +78,104 @@ def write_csv(path: Path, data: ImageData, assignments: torch.Tensor, geometry: 
             out.writerow(row)
 
 
+@dataclasses.dataclass
+class FeatureRows:
+    """The rows of a features file, for ``write_csv`` (what it reads of an ``ImageData``)."""
+
+    name: str
+    size: int
+    paths: list[str] | None
+    labels: torch.Tensor | None
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def read_features(path: Path, paths_file: Path | None) -> tuple[torch.Tensor, FeatureRows]:
+    """An (N, D) float32 feature matrix made by any tool and its rows: an .npy of the matrix, or an .npz with a
+    ``features`` array (``deepclust embed``'s; else its only 2-D array) and maybe ``paths`` and ``labels``.
+    ``paths_file``: a text file of the rows' paths, one a line. Read without unpickling (``allow_pickle=False``)."""
+    if not path.is_file():
+        raise DataError(f"no features file {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as err:  # object arrays (a pickled list of paths) or not a NumPy file
+        raise DataError(f"cannot read {path} as .npy / .npz without unpickling ({err}); save the features as a "
+                        "float array and the paths as a str array (np.array(paths, dtype=str))") from err
+    arrays = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else {"features": loaded}
+    if "features" in arrays:
+        feats = arrays["features"]
+    else:
+        matrices = [k for k, v in arrays.items() if v.ndim == 2]
+        if len(matrices) != 1:
+            raise DataError(f"{path} has no 'features' array (arrays: {', '.join(arrays) or 'none'}); save the "
+                            "(N, D) matrix as features=... (np.savez(path, features=X, paths=P))")
+        feats = arrays[matrices[0]]
+    if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.number):
+        raise DataError(f"{path}: the features must be a numeric (N, D) matrix with N >= 1, got {feats.dtype} of "
+                        f"shape {feats.shape}")
+    n = feats.shape[0]
+    paths = None
+    if paths_file is not None:
+        if not paths_file.is_file():
+            raise DataError(f"no paths file {paths_file}")
+        paths = [line for line in paths_file.read_text().splitlines() if line.strip()]
+        where = str(paths_file)
+    elif "paths" in arrays:
+        paths, where = [str(p) for p in arrays["paths"].reshape(-1)], f"{path}'s paths array"
+    if paths is not None and len(paths) != n:
+        raise DataError(f"{where} lists {len(paths)} paths for {n} feature rows; give one path a row, in order")
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if "labels" in arrays else None
+    if labels is not None and labels.shape != (n,):
+        raise DataError(f"{path}: labels of shape {tuple(labels.shape)} for {n} feature rows")
+    x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+    bad = int((~torch.isfinite(x)).any(1).sum())
+    if bad:
+        raise DataError(f"{path}: {bad} of {n} feature rows hold NaN or inf (or values beyond float32); drop or "
+                        "recompute those rows")
+    return x, FeatureRows(path.name, n, paths, labels)
+
+
+def run_features(args: argparse.Namespace) -> int:
+    """``cluster --features F --k K``: k-means on features made elsewhere (L2-normalised, as a network's are
+    here), the same CSV as for a checkpoint; ``--data``, the folder the rows' paths are relative to, for
+    ``--browse`` and ``--folders``."""
+    if args.checkpoint is not None:
+        raise ConfigError("--features clusters the features in the file: leave out --checkpoint")
+    if args.k is None:
+        raise ConfigError("--features needs --k K: the number of clusters k-means makes")
+    feats, rows = read_features(args.features, args.paths)
+    if (args.browse or args.folders) and (args.data is None or rows.paths is None):
+        raise ConfigError("--browse and --folders with --features need the rows' image files: --data FOLDER and "
+                          "the paths relative to it (--paths FILE, or a 'paths' array in the .npz)")
+    if args.folders:
+        check_folders_target(Path(args.folders))
+    check_cluster_count(args.k, len(rows), "cluster --k")
+    feats = F.normalize(feats, dim=1)
+    assignments = kmeans(feats, args.k, iters=50, seed=args.seed, n_init=args.restarts).assignments
+    geometry = cluster_geometry(feats, assignments)
+    write_csv(Path(args.out), rows, assignments, geometry)
+    print(f"wrote {args.out}: {len(rows)} rows of {args.features} ({feats.shape[1]} dimensions), k-means, k = "
+          f"{args.k}, on the L2-normalised features: {sizes_summary(geometry.sizes)}")
+    if rows.labels is not None:
+        m = assignment_metrics(assignments, rows.labels)
+        print(f"against the labels: NMI {m['nmi']:.4f}, ARI {m['ari']:.4f}, accuracy {m['acc']:.2f}% "
+              "(Hungarian matching of clusters to classes)")
+    if args.browse:
+        print(report_written(write_browse_page(Path(args.out), args.data, Path(args.browse), features=feats.numpy())))
+    if args.folders:
+        counts = write_cluster_folders(read_clusters_csv(Path(args.out)), args.data, Path(args.folders))
+        print(f"wrote {len(counts)} cluster folders of links to the images into {args.folders}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "features", None) is not None:
+        return run_features(args)
+    if args.checkpoint is None:
+        raise ConfigError("pass --checkpoint C (cluster a network's features of --data) or --features F "
+                          "(cluster features made elsewhere)")
     opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
     payload = opened.payload
     if payload is None:  # a plain backbone file: no run, so no training data and no clusters of its own
@@ -133,9 +232,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Without --k: the method's own clusters of its training images (DeepCluster, "
                        "ODC, UIC). With --k: k-means on the checkpoint's features of any --data. Confidence is "
                        "(b - a) / max(a, b), a the distance to the own centre, b to the nearest other one.")
-    p.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP + "; a plain file needs --data and --k")
+    p.add_argument("--checkpoint", help=BACKBONE_FILE_HELP + "; a plain file needs --data and --k")
+    p.add_argument("--features", type=Path, help="instead of --checkpoint: cluster features made by any tool (CLIP "
+                   "embeddings, deepclust embed's): an .npz with a 'features' (N, D) array and maybe 'paths' and "
+                   "'labels', or an .npy of the matrix; needs --k")
+    p.add_argument("--paths", type=Path, help="--features: a text file of the rows' paths (relative to your image "
+                   "folder), one a line, for the CSV's path column (default: the .npz's 'paths', else row numbers)")
     add_backbone_file_flags(p)
-    p.add_argument("--data", help="default: the run's training data")
+    p.add_argument("--data", help="default: the run's training data (--features: the image folder the paths are "
+                   "relative to, for --browse and --folders)")
     p.add_argument("--out", required=True, help="the CSV file to write")
     p.add_argument("--k", type=int, help="k-means with this many clusters instead of the method's clusters")
     p.add_argument("--restarts", type=int, default=5, help="k-means restarts (the lowest inertia wins)")

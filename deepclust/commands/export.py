@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the trained backbone alone (safetensors, torchvision or timm)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="a deepclust training checkpoint")
+    p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="default: from the --out suffix (.pt, .pth: torchvision; .safetensors and others: safetensors)")
+                   help="default: from the --out suffix (.pt, .pth: torchvision; .safetensors and others: "
+                   "safetensors); a timm:NAME backbone: timm or safetensors, the same file under timm's names")

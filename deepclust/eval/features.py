@@ -58,7 +58,8 @@ def extract_features(model: Backbone, images: torch.Tensor, feature: str = "embe
     size = image_size or images.shape[-1]
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size)
+        x = test_transform(images[start:start + batch_size].to(device, non_blocking=True), size, model.mean,
+                           model.std)  # the backbone's normalisation (a timm model's own)
         x = x.contiguous(memory_format=torch.channels_last)
         amp = native_bf16(device) if device.type == "cuda" and bf16 is None else bool(bf16)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -22,8 +22,12 @@ LAYER_TARGET_DIM = 2048
 
 def stage_modules(model: Backbone) -> dict[str, nn.Module]:
     """The module whose output is each stage: ResNet layer1..layer4 (the papers' res2..res5), VGG's five blocks
-    (their max-pools), AlexNet's conv1..conv5 and the ConvNet's block1..block4 (their ReLUs)."""
+    (their max-pools), AlexNet's conv1..conv5 and the ConvNet's block1..block4 (their ReLUs); a timm model's
+    stages as its ``feature_info`` names them (a ViT's blocks.0..blocks.N-1, ConvNeXt's stages.0..3)."""
     trunk = model.trunk
+    if model.name.startswith("timm:"):
+        return {info["module"]: trunk.get_submodule(info["module"]) for info in getattr(trunk, "feature_info", [])
+                if info.get("module")}
     if model.name.startswith("resnet"):
         return {f"layer{i}": getattr(trunk, f"layer{i}") for i in range(1, 5)}
     if model.name == "vgg16_bn":
@@ -54,6 +58,9 @@ def layer_features(model: Backbone, images: torch.Tensor, layers: list[str] | No
 
     def keep(name: str):
         def hook(module, inputs, output):
+            if output.dim() == 3:  # a transformer block's tokens (B, T, D): their average, D dimensions
+                out[name].append(output.float().mean(1))
+                return
             side = pooled_grid(output.shape[1], min(output.shape[-2:]), target_dim)
             out[name].append(F.adaptive_avg_pool2d(output.float(), side).flatten(1))
         return hook
@@ -64,7 +71,8 @@ def layer_features(model: Backbone, images: torch.Tensor, layers: list[str] | No
     amp = device.type == "cuda" and native_bf16(device)
     try:
         for start in range(0, images.shape[0], batch_size):
-            x = test_transform(images[start:start + batch_size].to(device), image_size or images.shape[-1])
+            x = test_transform(images[start:start + batch_size].to(device), image_size or images.shape[-1],
+                               model.mean, model.std)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 model.features(x)
     finally:

@@ -55,7 +55,7 @@ def sgd_linear_probe(model: Backbone, train_images: torch.Tensor, train_labels: 
     layer = layer.to(device)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps = torch.optim.lr_scheduler.MultiStepLR(opt, sorted({round(f * epochs) for f in milestones}), 0.1)
-    augment = Augment(size, scale=crop_scale, jitter_p=0.0, gray_p=0.0)  # crop + flip only
+    augment = Augment(size, scale=crop_scale, jitter_p=0.0, gray_p=0.0, mean=model.mean, std=model.std)  # crop, flip
     labels = train_labels.to(device)
     plain = extract_features(model, train_images, "pooled", device=device, image_size=size, normalize=False)
     mean, std = plain.mean(0), plain.std(0).clamp(min=1e-6)
