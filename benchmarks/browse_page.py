@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--shots", help="a folder for screenshots of the index and the big cluster")
     parser.add_argument("--big", type=int, default=2000, help="members of the opened cluster (largest ones merged)")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--labels-out", help="also name every cluster by its majority class in the page and save its "
+                        "labels.csv here (for eval --labels; the page's purity is recorded beside it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from playwright.sync_api import sync_playwright
@@ -64,7 +66,7 @@ def main() -> None:
         shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         start = time.perf_counter()
         page.goto(index)
         page.wait_for_selector("#cards .card")
@@ -72,7 +74,7 @@ def main() -> None:
         page.wait_for_function(FIRST_SCREEN, arg="#cards img", timeout=120_000)
         result["index_usable_seconds"] = round(time.perf_counter() - start, 2)
         if shots:
-            page.screenshot(path=str(shots / "browse-index.png"))
+            page.screenshot(path=str(shots / "browse-index.jpg"), type="jpeg", quality=85)
         into, size = page.evaluate(MERGE_LARGEST, args.big)
         result["big_cluster"] = {"id": into, "members": size}
         page.goto("about:blank")
@@ -83,8 +85,17 @@ def main() -> None:
         result["big_cluster_first_screen_seconds"] = round(time.perf_counter() - start, 2)
         result["big_cluster_thumbnails_on_page"] = len(page.query_selector_all("#members img"))
         if shots:
-            page.screenshot(path=str(shots / "browse-cluster.png"))
+            page.screenshot(path=str(shots / "browse-cluster.jpg"), type="jpeg", quality=85)
         page.evaluate("() => localStorage.clear()")
+        if args.labels_out:
+            page.goto(index)
+            page.wait_for_selector("#cards .card")
+            page.click("#name-majority")
+            result["page_summary"] = page.inner_text("#summary")
+            with page.expect_download() as download:
+                page.click("#export-labels")
+            shutil.copyfile(download.value.path(), args.labels_out)
+            page.evaluate("() => localStorage.clear()")
         browser.close()
     print(json.dumps(result, indent=1))
     (Path(args.out).parent / "browse_benchmark.json").write_text(json.dumps(result, indent=1) + "\n")

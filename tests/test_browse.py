@@ -314,10 +314,17 @@ def test_cluster_browse_folders_and_the_report_link(trained_checkpoint, folder, 
     assert main(["browse", str(edited), "--data", str(data), "--folders", str(named)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
 
+    # the run's own training data (200 digits, a subset: no files): the pixels just clustered make the tiles
+    assert main(["cluster", "--checkpoint", str(trained_checkpoint), "--k", "4", "--out", str(tmp_path / "d.csv"),
+                 "--browse", str(tmp_path / "digits_page")]) == 0
+    assert "200 images in 4 clusters, 2 thumbnail sheets" in capsys.readouterr().out
+    script = (tmp_path / "digits_page" / "clusters.js").read_text()
+    assert '"key":"index"' in script and '"problem":{}' in script
+
     # report links to the page beside the run
     from deepclust.commands.report import browse_links
     assert 'href="browse/index.html"' in browse_links(run)
-    assert browse_links(tmp_path) == ""
+    assert browse_links(tmp_path / "by_cluster") == ""  # no page in that folder: no link
 
 
 def test_labels_file_trains_supervised_and_is_checked(folder, tmp_path, capsys):

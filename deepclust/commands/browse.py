@@ -254,7 +254,12 @@ def cluster_map(cluster_ids: list[int], cluster: np.ndarray, features: np.ndarra
     """Each cluster's centre (mean L2-normalised feature) projected to 2-D by PCA, in [0, 1], and its nearest
     clusters by centre distance: the page's map and its neighbour links."""
     feats = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    centres = np.stack([feats[cluster == c].mean(0) for c in cluster_ids]).astype(np.float64)
+    slot = {c: i for i, c in enumerate(cluster_ids)}
+    rows = np.array([slot.get(int(c), -1) for c in cluster])
+    keep = rows >= 0  # -1: in no cluster
+    centres = np.zeros((len(cluster_ids), feats.shape[1]))
+    np.add.at(centres, rows[keep], feats[keep])
+    centres /= np.maximum(np.bincount(rows[keep], minlength=len(cluster_ids)), 1)[:, None]
     centred = centres - centres.mean(0)
     if len(centres) >= 2:
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -265,7 +270,8 @@ def cluster_map(cluster_ids: list[int], cluster: np.ndarray, features: np.ndarra
         xy = np.zeros((len(centres), 2))
     span = np.maximum(xy.max(0) - xy.min(0), 1e-12)
     xy = (xy - xy.min(0)) / span
-    distances = ((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    squares = (centres ** 2).sum(1)  # |a - b|^2 from the Gram matrix: k x k, not k x k x D (2 GiB at k = 1,000)
+    distances = squares[:, None] + squares[None, :] - 2 * centres @ centres.T
     np.fill_diagonal(distances, np.inf)
     near = np.argsort(distances, axis=1)[:, :min(MAP_NEIGHBOURS, len(centres) - 1)]  # itself (inf) last
     return {"ids": cluster_ids, "x": [round(float(v), 4) for v in xy[:, 0]],
