@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,8 @@ def test_browser_page_cards_cluster_edits_reload_and_exports(browser, folder, tm
     page.wait_for_selector("#cards .card")
     assert {c: int(s.split()[0]) for c, s in cards(page).items()} == expected_sizes
     assert "blue ones" in page.inner_text('#cards .card[data-cluster="2"] h3')
-    assert "4 edits" in page.inner_text("#edit-count") or "edits kept" in page.inner_text("#edit-count")
+    # two names (3's, and 2's taken from it by the merge), a merge, a move and an exclusion
+    assert page.inner_text("#edit-count") == "5 edits kept in this browser"
 
     labels = read_csv_rows_text(download(page, "#export-labels"))
     expected = [["path", "label"]]
@@ -284,9 +286,11 @@ def test_bad_input_gives_a_clear_message(browser, folder, tmp_path, capsys):
     page.close()
 
 
-def test_cluster_browse_folders_and_the_report_link(trained_checkpoint, folder, tmp_path, capsys):
+def test_cluster_browse_folders_and_the_report_link(trained_run, folder, tmp_path, capsys):
     data, _ = folder
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # a copy of the shared tiny run: its folder gets a page and a report
+    shutil.copytree(trained_run, run)
+    trained_checkpoint = run / "checkpoint.pt"
     out_csv, page, links = run / "clusters.csv", run / "browse", tmp_path / "by_cluster"
     assert main(["cluster", "--checkpoint", str(trained_checkpoint), "--data", str(data), "--k", "3", "--out",
                  str(out_csv), "--browse", str(page), "--folders", str(links)]) == 0
@@ -321,10 +325,16 @@ def test_cluster_browse_folders_and_the_report_link(trained_checkpoint, folder, 
     script = (tmp_path / "digits_page" / "clusters.js").read_text()
     assert '"key":"index"' in script and '"problem":{}' in script
 
-    # report links to the page beside the run
+    # report links to the page beside the run, and shows the images with the labels of a labels.csv
     from deepclust.commands.report import browse_links
-    assert 'href="browse/index.html"' in browse_links(run)
     assert browse_links(tmp_path / "by_cluster") == ""  # no page in that folder: no link
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{r[0]},{'warm' if r[0].startswith('red') else 'cool'}\n"
+                                               for r in rows))
+    assert main(["report", str(run), "--test-data", str(data), "--labels", str(labels), "--k", "2"]) == 0
+    report = (run / "report.html").read_text()
+    assert '<a href="browse/index.html">browse/</a>' in report
+    assert ">warm<" in report and ">cool<" in report and ">green<" not in report  # the file's names, not the folders'
 
 
 def test_labels_file_trains_supervised_and_is_checked(folder, tmp_path, capsys):
