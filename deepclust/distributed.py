@@ -161,16 +161,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log sum exp of ``x`` along ``dim`` over the rows of every rank (one process: ``torch.logsumexp``): each
-    rank's own log-sum-exp, shifted by their maximum so that no rank's sum overflows or vanishes."""
-    lse = torch.logsumexp(x, dim)
-    if world_size() == 1:
-        return lse
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return top + torch.log(all_reduce_sum(torch.exp(lse - top)))
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, in place (and returned)."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -283,9 +278,19 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def global_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm of ``module`` normalised over the global batch (``GlobalBatchNorm``), in place."""
+    """Every BatchNorm of ``module`` normalised over the global batch (``GlobalBatchNorm``), in place. A subclass
+    that does more than normalise (timm's ``BatchNormAct2d``: an activation after it) is refused, not converted:
+    the swap would drop what it adds."""
     for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm) and \
+                type(child) not in PLAIN_BATCHNORMS:
+            raise ConfigError(f"{name} is a {type(child).__name__}, a BatchNorm with more in it than global "
+                              "statistics can replace: train this backbone in one process (no --nproc / torchrun), "
+                              "or pick a model with plain BatchNorm or none (a ResNet, a ViT, a ConvNeXt)")
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
             bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                  child.track_running_stats)

@@ -16,7 +16,7 @@ from deepclust.augment import Augment, small_crop
 from deepclust.augment import test_transform as clean_pixels
 from deepclust.backbones import Backbone
 from deepclust.cluster.kmeans import spherical_kmeans
-from deepclust.cluster.sinkhorn import sinkhorn
+from deepclust.cluster.sinkhorn import sinkhorn, sinkhorn_log
 from deepclust.epoch import make_batch
 from deepclust.heads import EmbeddingQueue, Prototypes, embed_crops
 from deepclust.losses import multi_head_cross_entropy, swapped_prediction_loss
@@ -60,10 +60,12 @@ def test_sinkhorn_equals_the_swav_codes_formula_and_balances_the_prototypes():
     assert torch.allclose(many.sum(0), torch.full((10,), 6.4), atol=1e-3)  # each prototype: n / K
 
 
-def test_sinkhorn_survives_logits_that_overflow_the_exp_domain():
+def test_sinkhorn_survives_scores_that_overflow_the_exp_domain():
     scores = torch.tensor([[80.0, -80.0], [-80.0, 80.0], [80.0, -80.0], [-80.0, 80.0]])
-    codes = sinkhorn(scores, 0.01, 3)  # exp(8000) overflows float32 in the SwAV code's form
+    codes = sinkhorn(scores, 0.01, 3)  # exp(8000) overflows float32 in the SwAV code's form: shifted, it does not
     assert torch.isfinite(codes).all() and torch.equal(codes.argmax(1), torch.tensor([0, 1, 0, 1]))
+    logits = torch.tensor([[60.0, 0.0, 0.0], [61.0, 2.0, 0.0], [59.0, 0.0, 3.0]])  # x 25: exp(-1500) is 0 in float64
+    assert torch.equal(sinkhorn_log(logits, 1 / 25, 50).argmax(1), torch.tensor([0, 1, 2]))
 
 
 def test_sinkhorn_ignores_inactive_rows():
@@ -79,7 +81,7 @@ def test_sinkhorn_at_one_over_lambda_gives_selas_labels():
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(300, 6, generator=gen) * 2
     logits[:, 0] += 3  # the prototype every sample prefers: the equal-size constraint must spread them
-    ours = sinkhorn(logits, 1 / 25, 400, across_ranks=False).argmax(1)
+    ours = sinkhorn_log(logits, 1 / 25, 400).argmax(1)
     assert torch.equal(ours, sela_code_labels(logits, 25, 400))
     sizes = torch.bincount(ours, minlength=6)
     assert sizes.max() - sizes.min() <= 6  # about 50 each, though 0 was the favourite of all

@@ -1,9 +1,13 @@
 """Sinkhorn-Knopp: soft assignments of samples to prototypes with equal-sized clusters (SeLa, SwAV).
 
 The transport plan Q (samples x prototypes) maximises <Q, scores> + epsilon H(Q) under the constraints that
-each prototype receives 1/K of the mass and each sample 1/n. Computed in the log domain (no overflow at a small
-epsilon or with unbounded logits), a fixed number of iterations (no host read to test convergence), and under
-torchrun over the samples of every rank: the per-prototype sums are reduced across ranks, as the SwAV code does.
+each prototype receives 1/K of the mass and each sample 1/n. A fixed number of iterations (no host read to test
+convergence), and under torchrun over the samples of every rank: the per-prototype sums are reduced across ranks,
+as the SwAV code does. The scores are shifted by their maximum (over every rank) before the exponential, which
+changes nothing after the first normalisation and keeps exp from overflowing; a range of scores / epsilon beyond
+float32's (about 87: SwAV's cosines at epsilon 0.05 span 40) needs ``dtype=torch.float64``, and unbounded logits
+(SeLa's, times lambda = 25) need ``sinkhorn_log``. (A per-sample shift would need no collective, but it changes the
+plan after a fixed number of iterations.)
 """
 
 from __future__ import annotations
@@ -19,23 +23,44 @@ from ..runtime import exact_float32
 @exact_float32()
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, active: torch.Tensor | None = None,
-             across_ranks: bool = True) -> torch.Tensor:
-    """Codes (n, K): row i is sample i's distribution over the K prototypes (rows sum to 1).
+             across_ranks: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes (n, K) in float32: row i is sample i's distribution over the K prototypes (rows sum to 1).
 
     ``scores`` (n, K): similarities (SwAV: cosine to unit prototypes) or logits (SeLa: epsilon = 1 / lambda).
     ``active`` (n,) bool on the device: rows that take part (SwAV's queue before it is full does not); the rest
     get zero codes. ``across_ranks``: the n rows are this rank's part of the samples (False: all of them).
     """
-    log_q = scores.float() / epsilon
-    rows = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device) if active is None else active
-    log_q = log_q.masked_fill(~rows.unsqueeze(1), -math.inf)
-    count = rows.sum().float()  # samples taking part (a device scalar: nothing read on the host)
-    reduce = distributed.all_reduce_logsumexp if across_ranks else (lambda x, dim: torch.logsumexp(x, dim))
+    s = scores.to(dtype)
+    top = s.max()
+    if across_ranks:
+        top = distributed.all_reduce_max(top)
+    q = torch.exp((s - top) / epsilon)
+    tiny = torch.finfo(dtype).tiny
+    count = torch.tensor(float(s.shape[0]), dtype=dtype, device=s.device)
+    if active is not None:
+        q = q * active.unsqueeze(1)
+        count = active.sum().to(dtype)  # a device scalar: nothing read on the host
     if across_ranks:
         count = distributed.all_reduce_sum(count)
-    log_n, log_k = torch.log(count), math.log(scores.shape[1])
+    k = s.shape[1]
     for _ in range(iterations):
-        log_q = log_q - reduce(log_q, 0).unsqueeze(0) - log_k  # each prototype: 1/K of the mass
+        per_prototype = q.sum(0)
+        if across_ranks:
+            per_prototype = distributed.all_reduce_sum(per_prototype)
+        q = q / (per_prototype.clamp(min=tiny) * k)  # each prototype: 1/K of the mass
+        q = q / (q.sum(1, keepdim=True).clamp(min=tiny) * count)  # each sample: 1/n (inactive rows stay 0)
+    return (q * count).float()
+
+
+@exact_float32()
+@torch.no_grad()
+def sinkhorn_log(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """``sinkhorn`` of all the samples in one process, in the log domain: any range of scores / epsilon (SeLa's
+    logits at lambda = 25 span thousands, where exp of the shifted scores is 0 for whole prototypes even in
+    float64). About 5x the exp domain's time on a CPU; SeLa runs it once per label update, not per step."""
+    log_q = scores.float() / epsilon
+    log_n, log_k = math.log(scores.shape[0]), math.log(scores.shape[1])
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, 0, keepdim=True) - log_k  # each prototype: 1/K of the mass
         log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True) - log_n  # each sample: 1/n
-        log_q = log_q.masked_fill(~rows.unsqueeze(1), -math.inf)  # inactive rows: -inf - -inf is NaN
     return torch.exp(log_q + log_n)
