@@ -46,7 +46,7 @@ PRECISION = {torch.bfloat16: "bf16", torch.float16: "bf16", torch.float32: "tf32
 NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.lift_fresh,
              torch.ops.aten.new_empty, torch.ops.aten.set_, torch.ops.aten.resize_, torch.ops.aten._local_scalar_dense}
 SYNC = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero}  # a host read of the device
-ALL = ("npid", "is", "and", "pcp", "pad", "deepcluster", "odc", "uic", "supervised")
+ALL = ("npid", "is", "and", "pcp", "pad", "deepcluster", "odc", "uic", "supervised", "swav", "deepclusterv2", "sela")
 
 
 class Count(TorchDispatchMode):
@@ -109,6 +109,10 @@ def build(name: str, case: str = "") -> Any:
         m.scs.copy_(torch.full((N,), -1) if case == "worst" else torch.arange(N) // 5)
     if name == "deepcluster":
         m.assignments.copy_(torch.randint(K, (N,)))
+    if name == "deepclusterv2":  # 3 heads of N / 50
+        m.assignments.copy_(torch.randint(K, m.assignments.shape))
+    if name == "sela":  # 10 heads of N / 50
+        m.labels.copy_(torch.randint(m.k, m.labels.shape))
     if name == "odc":
         m.labels.copy_(torch.randint(m.config.k, (N,)))
         m.centroids.copy_(F.normalize(torch.randn(m.config.k, m.config.neck_dim), dim=1))
