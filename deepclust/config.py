@@ -247,7 +247,7 @@ LR_SCHEDULES = ("step", "linear", "cosine")
 OPTIMIZERS = ("sgd", "lars")
 UNIT = Range(0, 1)
 # Free-form fields: the method (resolve checks it), paths (checked where they are read) and booleans (coerce).
-UNCHECKED = ("method", "data", "test_data", "out", "init")
+UNCHECKED = ("method", "data", "test_data", "labels", "out", "init")
 
 
 def rules(method: str) -> dict[str, Rule]:
