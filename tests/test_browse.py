@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from browse_helpers import chromium_executable, make_class_folder, read_csv_rows, write_clusters_csv
+from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from deepclust.cli import main
@@ -221,8 +222,9 @@ def test_large_cluster_is_paged_and_an_index_csv_browses_any_source(browser, tmp
     clusters_csv = tmp_path / "digits.csv"
     clusters_csv.write_text("\n".join(",".join(r) for r in rows) + "\n")
     out = tmp_path / "page"
-    assert main(["browse", str(clusters_csv), "--data", "digits", "--out", str(out)]) == 0
-    assert len(list((out / "tiles").iterdir())) == 5  # 500 tiles, 100 a sheet
+    assert main(["browse", str(clusters_csv), "--data", "digits", "--out", str(out), "--thumb-size", "48"]) == 0
+    sheets = sorted((out / "tiles").iterdir())
+    assert len(sheets) == 5 and Image.open(sheets[0]).size == (480, 480)  # 500 tiles of 48 px, 10 x 10 a sheet
     page = open_page(browser, out / "index.html", "#c=0")
     page.wait_for_selector("#members img")
     sizes = []
@@ -235,6 +237,7 @@ def test_large_cluster_is_paged_and_an_index_csv_browses_any_source(browser, tmp
     assert sizes == [200, 200, 50]
     lazy = page.eval_on_selector_all("#members img", "imgs => imgs.every(i => i.loading === 'lazy')")
     assert lazy
+    assert page.eval_on_selector("#members img", "i => i.getBoundingClientRect().width") == 48  # one cell shown
     page.wait_for_function("document.querySelector('#members img').naturalWidth > 0")
     assert page.errors == []
     page.close()

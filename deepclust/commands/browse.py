@@ -19,18 +19,19 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..config import ConfigError
 from ..data import DataError, load_data
 
 log = logging.getLogger(__name__)
 
 PAGE_DIR = Path(__file__).resolve().parent.parent / "pages" / "browse"
 PAGE_FILES = ("index.html", "browse.css", "browse.js")
-SHEET_COLUMNS = 10  # a sheet of 10 x 10 tiles: 640 x 640 px at 64 px, about 60 KB of JPEG
+SHEET_COLUMNS = 10  # a sheet of 10 x 10 tiles: 640 x 640 px at 64 px, about 85 KiB of JPEG (CIFAR-10)
 SHEET_TILES = SHEET_COLUMNS * SHEET_COLUMNS
 MAP_NEIGHBOURS = 6  # clusters listed as a cluster's nearest in the page
 
@@ -51,7 +52,6 @@ class ClusterTable:
     confidence: np.ndarray | None = None
     label: list[str] | None = None
     names: list[str] | None = None  # a ``name`` column (the page's edited CSV): a folder per given name
-    extra: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -433,6 +433,9 @@ def report_written(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 8 <= args.thumb_size <= 512 or not 1 <= args.quality <= 100:
+        raise ConfigError(f"--thumb-size must be 8..512 px and --quality 1..100, got {args.thumb_size} and "
+                          f"{args.quality}")
     table = None
     features = None
     if args.features:

@@ -109,6 +109,7 @@
 
   // ---- tiles ---------------------------------------------------------------------------------------------------
   const T = D.tile, SC = D.sheetColumns, ST = D.sheetTiles;
+  document.documentElement.style.setProperty("--tile", T + "px"); // browse --thumb-size: the cells' size
   function tile(pos) {
     const img = document.createElement("img");
     img.className = "tile";
