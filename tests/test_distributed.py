@@ -85,6 +85,7 @@ def runs(tmp_path_factory):
     x[100:200] -= 4
     torch.save(x, tmp / "x.pt")
     jobs = [{"config": layer(data, m, tmp / "two" / m)} for m in METHODS]
+    jobs.append({"config": layer(data, "is", tmp / "two" / "vit", backbone="timm:test_vit")})  # LayerNorm, no BN
     jobs.append({"config": layer(data, "npid", tmp / "cut2", stop_after=1)})
     jobs.append({"config": layer(data, "npid", tmp / "every2", checkpoint_every=1),
                  "copy_at": [1, 2, str(tmp / "mid2")]})  # 3 steps an epoch: killed after step 2 of epoch 1
@@ -98,6 +99,7 @@ def runs(tmp_path_factory):
                       + [{"config": layer(data, "swav", tmp / "three" / "swav")}]})  # 11 / 11 / 10 rows a rank
     for m in METHODS:
         train(*resolve([layer(data, m, tmp / "one" / m)]))
+    train(*resolve([layer(data, "is", tmp / "one" / "vit", backbone="timm:test_vit")]))
     for name in ("resume1", "mid_resume1"):
         train(*resolve([layer(data, "npid", tmp / name)]), resume=True)
     return tmp, x
@@ -111,6 +113,15 @@ def test_two_ranks_equal_one_process(runs, method):
     assert_same_state(one["state"], two["state"], method)  # parameters, BN statistics, bank, labels, SCSs
     losses = [[r["loss"] for r in read_rows(tmp / d / method)] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_a_timm_vit_on_two_ranks_equals_one_process(runs):
+    """A BatchNorm-free trunk (timm's test ViT: LayerNorm) under torchrun: DDP alone keeps the ranks together."""
+    tmp, _ = runs
+    one = load_checkpoint(tmp / "one" / "vit" / "checkpoint.pt")
+    two = load_checkpoint(tmp / "two" / "vit" / "checkpoint.pt")
+    assert two["backbone"]["name"] == "timm:test_vit"
+    assert_same_state(one["state"], two["state"], "timm:test_vit")
 
 
 def test_swav_on_three_ranks_equals_one_process(runs):

@@ -27,6 +27,7 @@ from deepclust.checkpoint import load_checkpoint
 from deepclust.cli import main
 from deepclust.config import ConfigError, resolve
 from deepclust.device_memory import activation_bytes, plan_training_memory
+from deepclust.distributed import GlobalBatchNorm, global_batchnorm
 from deepclust.epoch import EpochCursor, batch_bounds, epoch_batches, run_steps
 from deepclust.eval.layers import layer_features
 from deepclust.methods import METHODS
@@ -36,7 +37,8 @@ from deepclust.train import train
 # A ViT, a ConvNeXt and a timm ResNet, each at 32 px (the ViT's patches of 16: a 2 x 2 grid).
 FAMILIES = ["test_vit", "convnext_atto", "resnet10t"]
 VIT = "test_vit"
-CLUSTER_KEYS = {"k": 4, "prototypes": 8, "min_clusters": 4}  # small cluster counts, for the methods that have them
+# small cluster counts for the methods that have them, and multi-crop's small crops (9 px: a padded patch)
+METHOD_KEYS = {"k": 4, "prototypes": 8, "min_clusters": 4, "small_crops": 2}
 
 
 def timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -132,7 +134,7 @@ def test_augmentation_normalises_with_the_backbones_mean_and_std():
 
 def method_keys(name: str) -> dict:
     fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
-    return {k: v for k, v in CLUSTER_KEYS.items() if k in fields}
+    return {k: v for k, v in METHOD_KEYS.items() if k in fields}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -225,6 +227,14 @@ def test_the_step_loop_on_fake_cuda_with_a_vit():
         augment = Augment(fc.SIZE, mean=method.backbone.mean, std=method.backbone.std)
         run_steps(run, cursor, batches, bounds, augment, guard, None, lambda d, stop: done.append(d), learn=False)
         assert done == [1, 2] and cursor.loss_sum.device == fc.CUDA
+
+
+def test_torchrun_makes_plain_batchnorm_global_and_refuses_one_with_an_activation_in_it():
+    resnet = global_batchnorm(timm.create_model("test_resnet", pretrained=False, num_classes=0))
+    norms = [m for m in resnet.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, GlobalBatchNorm) for m in norms)
+    with pytest.raises(ConfigError, match="BatchNormAct2d"):  # swapped, its activation would be lost
+        global_batchnorm(timm.create_model("test_efficientnet", pretrained=False, num_classes=0))
 
 
 def blobs(tmp_path: Path, n_per: int = 40, k: int = 5, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,8 @@ def inference_trunk(model: Backbone) -> nn.Module:
     """
     from torch.fx.experimental.optimization import fuse
 
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.trunk.modules()):
+        return model.trunk  # nothing to fold (a ViT, a ConvNeXt): a copy and a trace would cost ~1 s for nothing
     try:
         return fuse(copy.deepcopy(model.trunk).eval())
     except Exception as err:  # tracing fails on data-dependent control flow: fall back, still correct
