@@ -128,8 +128,9 @@ def check_backbone_name(name: str) -> None:
                               "(any timm model, e.g. timm:vit_small_patch16_224)")
         return
     if not import_timm(name).is_model(model):
-        raise ConfigError(f"timm has no model {model!r} (backbone {name}); names as timm.list_models() gives "
-                          "them, e.g. timm:vit_small_patch16_224, timm:convnext_atto, timm:resnet50")
+        raise ConfigError(f"unknown backbone {name!r}: timm has no model {model!r}; choose one of "
+                          f"{', '.join(BACKBONES)}, or timm:NAME with a name timm.list_models() gives, e.g. "
+                          "timm:vit_small_patch16_224, timm:convnext_atto, timm:resnet50")
 
 
 def timm_build_kwargs(timm: ModuleType, model: str, in_ch: int, image_size: int) -> dict:

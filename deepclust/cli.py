@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-data")
     t.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
                    "images, for --method supervised and the kNN; images it leaves out are left out")
-    t.add_argument("--backbone")
+    t.add_argument("--backbone", help="resnet18_cifar (default), resnet18, resnet50, vgg16_bn, alexnet_bn, convnet, "
+                   "or timm:NAME, any timm model (pip install 'deepclust[timm]'; README: Any backbone through timm)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--out")
     t.add_argument("--config", help="a YAML file of config keys")

@@ -12,8 +12,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deepclust.backbones import BACKBONES
 from deepclust.cli import main
-from deepclust.config import UNCHECKED, Choice, ConfigError, Device, Range, TrainConfig, field_types, resolve, rules
+from deepclust.config import (
+    UNCHECKED,
+    BackboneName,
+    Choice,
+    ConfigError,
+    Device,
+    Range,
+    TrainConfig,
+    field_types,
+    resolve,
+    rules,
+)
 from deepclust.methods import METHODS
 
 # Data that does not exist: had resolve (or train, before its checks) read it, the error would be a DataError.
@@ -71,6 +83,9 @@ def bad_values(rule, cls: type, name: str) -> st.SearchStrategy:
         return WORDS.filter(lambda v: v not in rule.values)
     if isinstance(rule, Device):
         return WORDS.filter(lambda v: v != "auto" and not parses_as_device(v))
+    if isinstance(rule, BackboneName):  # none of ours, or a timm: name timm does not know
+        return st.one_of(WORDS.filter(lambda v: v not in BACKBONES and not v.startswith("timm:")),
+                         st.from_regex(r"timm:[a-z_]{1,8}9z", fullmatch=True))
     if is_list:  # one bad element among good ones
         good = st.floats(0.01, 0.99)
         return st.tuples(st.lists(good, max_size=2), outside(rule, kind), st.lists(good, max_size=2)).map(

@@ -113,7 +113,7 @@ def test_sizes_a_model_cannot_take_are_refused_with_the_fix(tmp_path):
         Backbone(f"timm:{VIT}", 40)
     with pytest.raises(ConfigError, match="at least 32"):  # ConvNeXt's total stride is 32
         Backbone("timm:convnext_atto", 16)
-    with pytest.raises(ConfigError, match="timm has no model 'no_such_net'"):
+    with pytest.raises(ConfigError, match="unknown backbone 'timm:no_such_net': timm has no model 'no_such_net'"):
         resolve([{"backbone": "timm:no_such_net"}])
 
 
