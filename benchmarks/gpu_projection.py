@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from deepclust.augment import Augment, color_jitter_masked, gray, normalize, resized_crop
 from deepclust.backbones import Backbone
 from deepclust.cluster.purify import progressive_cluster_count
+from deepclust.epoch import batch_bounds, make_batch
 from deepclust.eval import extract_features
 from deepclust.methods import METHODS
-from deepclust.train import batch_bounds, make_batch
 
 N, B, EPOCHS, D, K, SIZE = 50_000, 128, 200, 128, 1000, 32
 STEPS = len(batch_bounds(N, B))  # 391 (the last of 80 images)

@@ -36,7 +36,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, a
         top = distributed.all_reduce_max(top)
     q = torch.exp((s - top) / epsilon)
     tiny = torch.finfo(dtype).tiny
-    count = torch.tensor(float(s.shape[0]), dtype=dtype, device=s.device)
+    count = s.new_full((), s.shape[0])  # a fill on the device, not a copy of a host scalar
     if active is not None:
         q = q * active.unsqueeze(1)
         count = active.sum().to(dtype)  # a device scalar: nothing read on the host
