@@ -231,8 +231,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="write each image's cluster, distance to its centre and confidence (CSV)",
                        description="Without --k: the method's own clusters of its training images (DeepCluster, "
                        "ODC, UIC, SwAV, DeepClusterV2, SeLa). With --k: k-means on the checkpoint's features of any "
-                       "--data. Confidence is (b - a) / max(a, b), a the distance to the own centre, b to the nearest other "
-                       "one.")
+                       "--data. Confidence is (b - a) / max(a, b), a the distance to the own centre, b "
+                       "to the nearest other one.")
     p.add_argument("--checkpoint", help=BACKBONE_FILE_HELP + "; a plain file needs --data and --k")
     p.add_argument("--features", type=Path, help="instead of --checkpoint: cluster features made by any tool (CLIP "
                    "embeddings, deepclust embed's): an .npz with a 'features' (N, D) array and maybe 'paths' and "
