@@ -16,7 +16,7 @@ from deepclust.augment import Augment, small_crop
 from deepclust.augment import test_transform as clean_pixels
 from deepclust.backbones import Backbone
 from deepclust.cluster.kmeans import spherical_kmeans
-from deepclust.cluster.sinkhorn import sinkhorn, sinkhorn_log
+from deepclust.cluster.sinkhorn import sinkhorn, sinkhorn_labels, sinkhorn_log
 from deepclust.epoch import make_batch
 from deepclust.heads import EmbeddingQueue, Prototypes, embed_crops
 from deepclust.losses import multi_head_cross_entropy, swapped_prediction_loss
@@ -66,6 +66,7 @@ def test_sinkhorn_survives_scores_that_overflow_the_exp_domain():
     assert torch.isfinite(codes).all() and torch.equal(codes.argmax(1), torch.tensor([0, 1, 0, 1]))
     logits = torch.tensor([[60.0, 0.0, 0.0], [61.0, 2.0, 0.0], [59.0, 0.0, 3.0]])  # x 25: exp(-1500) is 0 in float64
     assert torch.equal(sinkhorn_log(logits, 1 / 25, 50).argmax(1), torch.tensor([0, 1, 2]))
+    assert torch.equal(sinkhorn_labels(logits, 25, 50), torch.tensor([0, 1, 2]))  # falls back to the log domain
 
 
 def test_sinkhorn_ignores_inactive_rows():
@@ -83,6 +84,7 @@ def test_sinkhorn_at_one_over_lambda_gives_selas_labels():
     logits[:, 0] += 3  # the prototype every sample prefers: the equal-size constraint must spread them
     ours = sinkhorn_log(logits, 1 / 25, 400).argmax(1)
     assert torch.equal(ours, sela_code_labels(logits, 25, 400))
+    assert torch.equal(sinkhorn_labels(logits, 25, 400), ours)  # the scaling-vector form SeLa uses
     sizes = torch.bincount(ours, minlength=6)
     assert sizes.max() - sizes.min() <= 6  # about 50 each, though 0 was the favourite of all
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..backbones import Backbone
 from ..cluster import cluster_count
 from ..cluster.history import label_stats
-from ..cluster.sinkhorn import sinkhorn_log
+from ..cluster.sinkhorn import sinkhorn_labels
 from ..losses import multi_head_cross_entropy
 from .base import Batch, EpochContext, Method
 
@@ -50,8 +50,7 @@ class SeLa(Method):
         self.eval()
         for h, head in enumerate(self.classifiers):
             logits = torch.cat([head(part.to(head.weight.device)) for part in feats.split(8192)]).float()
-            codes = sinkhorn_log(logits, 1 / self.config.sinkhorn_lambda, self.config.sinkhorn_iters)
-            self.labels[h].copy_(codes.argmax(1))
+            self.labels[h].copy_(sinkhorn_labels(logits, self.config.sinkhorn_lambda, self.config.sinkhorn_iters))
         self.train(was)
 
     def before_epoch(self, ctx: EpochContext) -> None:
