@@ -10,57 +10,41 @@ embeddings replace the samples' rows of the memory. The first head's labels are 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..augment import Augment, small_crop
 from ..backbones import Backbone
 from ..cluster import cluster_count
 from ..cluster.history import label_stats
 from ..cluster.kmeans import spherical_kmeans
-from ..heads import ProjectionHead, Prototypes, embed_crops
+from ..heads import Prototypes
 from ..losses import multi_head_cross_entropy
-from .base import Batch, EpochContext, Method
+from .base import Batch, EpochContext
+from .crops import CropConfig, MultiCropMethod
 
 
-class DeepClusterV2(Method):
+class DeepClusterV2(MultiCropMethod):
     name = "deepclusterv2"
-    views = 2  # the large crops; small_crops adds multi-crop's small ones
-    eval_feature = "pooled"
 
     @dataclass
-    class Config:
+    class Config(CropConfig):
         k: int | None = None  # clusters of each head (the SwAV code's 3000 on ImageNet; None: N / 50)
         heads: int = 3  # k-means runs, each with its own prototypes and labels (the SwAV code's 3)
         temperature: float = 0.1
         kmeans_iters: int = 10
-        projector_hidden: int | None = None  # the projection MLP's width (None: the backbone's linear head)
-        small_crops: int = 0  # multi-crop: small crops besides the 2 large (SwAV: 6)
-        small_crop_size: int | None = None  # None: 18/32 of the image size
-        small_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
 
     def __init__(self, backbone: Backbone, num_samples: int, config: Config | None = None, labels=None):
         super().__init__(backbone, num_samples, config, labels)
         c = self.config
-        self.views = 2 + c.small_crops
         self.ks = [cluster_count(c.k, num_samples, "deepclusterv2")] * c.heads
-        self.projector = (ProjectionHead(backbone.feat_dim, c.projector_hidden, backbone.embed_dim)
-                          if c.projector_hidden else None)
         self.prototypes = Prototypes(backbone.embed_dim, self.ks, learnable=False)
         # the last embedding of each sample's two large crops: the next epoch's k-means data
         self.register_buffer("memory", torch.zeros(2, num_samples, backbone.embed_dim))
         self.register_buffer("memory_filled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("assignments", torch.full((len(self.ks), num_samples), -1, dtype=torch.long))
         self.stats: dict[str, float] = {}
-
-    def view_augment(self, view: int, augment: Augment) -> Augment:
-        c = self.config
-        return augment if view < 2 else small_crop(augment, c.small_crop_size, c.small_crop_scale)
-
-    def embed(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.projector(feats) if self.projector is not None else self.backbone.embed(feats)
 
     @torch.no_grad()
     def clean_embeddings(self, ctx: EpochContext) -> torch.Tensor:
@@ -89,7 +73,7 @@ class DeepClusterV2(Method):
         return None
 
     def loss(self, batch: Batch):
-        z = embed_crops(lambda x: self.embed(self.backbone.features(x)), batch.views)
+        z = self.embed_views(batch.views)
         scores = self.prototypes(torch.cat(z))
         targets = [a[batch.index] for a in self.assignments]
         loss = multi_head_cross_entropy([s / self.config.temperature for s in scores], targets, crops=len(z))
