@@ -97,10 +97,6 @@ class EmbeddingQueue(nn.Module):
             self.rows[v, n:] = kept[v]
         self.count.add_(n).clamp_(max=self.length)
 
-    def reset_(self) -> None:
-        self.rows.zero_()
-        self.count.zero_()
-
 
 def embed_crops(encode, views: list[torch.Tensor]) -> list[torch.Tensor]:
     """``encode`` of every view, one forward per run of same-sized views (multi-crop: the large crops together,

@@ -44,7 +44,7 @@ class SeLa(Method):
         self.stats: dict[str, float] = {}
 
     @torch.no_grad()
-    def self_label(self, feats: torch.Tensor, seed: int) -> None:
+    def self_label(self, feats: torch.Tensor) -> None:
         """Each head's equal-sized labels of every sample from its logits (all rows on every rank: no collective)."""
         was = self.training
         self.eval()
@@ -59,7 +59,7 @@ class SeLa(Method):
         if global_epoch % self.config.label_every == 0 or not bool((self.labels >= 0).all()):
             t0 = time.perf_counter()
             previous = self.labels[0].clone()
-            self.self_label(ctx.extract("pooled", normalize=False), ctx.seed)
+            self.self_label(ctx.extract("pooled", normalize=False))
             self.stats = {"cluster_time": time.perf_counter() - t0,
                           **label_stats(self.labels[0], previous, self.k, ctx.true_labels)}
         return None
