@@ -152,6 +152,24 @@ PROFILES["medium-own"] = {
     "methods": {m: own_recipe(m, OWN_RECIPE_MEDIUM) for m in ("deepcluster", "odc", "uic", "and", "pcp")},
 }
 
+# The clustering methods of issue 30 at their own recipes (configs/own/{swav,deepclusterv2,sela}.yaml) at the
+# cpu scale: the cpu data and 15 epochs, the recipe's optimiser and heads. What the recipes count in steps or
+# epochs of a 50,000-image run is scaled to the same share of this one: 1 warm-up epoch (solo-learn's 10 of
+# 1000 is 1%, our file's 10 of 200 is 5%: 0.75 of 15 rounds up to 1), prototypes frozen for solo-learn's 2
+# epochs (39 steps at batch 256, not 391), and the images per cluster kept: DeepClusterV2's 3000 clusters for
+# 50,000 images (17 a cluster) become 300, SeLa's 128 (about 427 a cluster, its ImageNet ratio) become 12.
+# SeLa renews its labels every epoch (its paper makes 80 updates in a run; 15 epochs allow 15). SwAV keeps
+# 3000 prototypes (they split each batch and queue equally, not the data).
+OWN_RECIPE_CPU = {
+    "swav": {"warmup_epochs": 1, "freeze_prototypes_steps": 39},
+    "deepclusterv2": {"warmup_epochs": 1, "k": 300},
+    "sela": {"k": 12, "label_every": 1},
+}
+PROFILES["cpu-own"] = {
+    "train": PROFILES["cpu"]["train"],
+    "methods": {m: own_recipe(m, OWN_RECIPE_CPU) for m in OWN_RECIPE_CPU},
+}
+
 # The ODC paper's Table 4 protocol at the medium scale: every method fine-tunes a trained network (pass
 # --set init=runs/BASE/is/seed{seed}/checkpoint.pt) for 20 epochs on the medium data, the shared lr 0.03
 # decayed x0.1 at 12 and 16; "is" on the same init is the control (more training, no clustering).
