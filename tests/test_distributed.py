@@ -33,7 +33,8 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 # ODC without dropout: its masks are drawn per rank from the global generator, so they cannot match one
 # process's masks (training still runs distributed with dropout; only this comparison needs it off).
-METHODS = {"npid": {}, "is": {}, "deepcluster": {"k": 4}, "odc": {"k": 4, "min_cluster": 2, "dropout": 0.0},
+METHODS = {"npid": {}, "is": {"small_crops": 1},  # IS with a small crop: each crop's batch gathered
+           "deepcluster": {"k": 4}, "odc": {"k": 4, "min_cluster": 2, "dropout": 0.0},
            "uic": {"k": 4}, "pcp": {"min_clusters": 4, "vote_epochs": 1}, "pad": {},
            # the queue from epoch 1 on, full after its first step there (Sinkhorn's sums across the ranks)
            "swav": {"prototypes": 6, "queue_length": 32, "queue_start": 0.5, "small_crops": 1},

@@ -44,9 +44,9 @@ aten = torch.ops.aten
 TRANSFERS = {aten._to_copy.default, aten.copy_.default, aten.lift_fresh.default, aten.lift_fresh_copy.default}
 # Each method with small cluster counts; (round, epoch) of the epoch whose step is checked.
 CASES = {
-    "supervised": ({}, (0, 0)), "npid": ({}, (0, 0)), "is": ({}, (0, 0)),
+    "supervised": ({}, (0, 0)), "npid": ({}, (0, 0)), "is": ({}, (0, 0)), "is-multicrop": ({"small_crops": 2}, (0, 0)),
     "and": ({}, (1, 0)),  # round 1: anchors and their neighbours in the loss
-    "pcp": ({"min_clusters": 4, "vote_epochs": 1}, (0, 0)),  # the IS warm-up: two views
+    "pcp": ({"min_clusters": 4, "vote_epochs": 1, "small_crops": 1}, (0, 0)),  # the IS warm-up: two views, a small
     "pcp-purified": ({"min_clusters": 4, "vote_epochs": 1, "warmup": False}, (0, 1)),
     "pad": ({}, (0, 0)), "pad-cosine": ({"hpe": "cosine"}, (0, 0)), "pad-nodiffusion": ({"diffusion": False}, (0, 0)),
     "deepcluster": ({"k": 4}, (0, 0)),

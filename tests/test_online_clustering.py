@@ -19,7 +19,7 @@ from deepclust.cluster.kmeans import spherical_kmeans
 from deepclust.cluster.sinkhorn import sinkhorn, sinkhorn_labels, sinkhorn_log
 from deepclust.epoch import make_batch
 from deepclust.heads import EmbeddingQueue, Prototypes, embed_crops
-from deepclust.losses import multi_head_cross_entropy, swapped_prediction_loss
+from deepclust.losses import invariant_spreading_loss, multi_head_cross_entropy, swapped_prediction_loss
 from deepclust.methods import METHODS
 
 
@@ -169,6 +169,35 @@ def test_multi_crop_views_come_in_their_sizes_and_are_encoded_by_size():
     out = embed_crops(encode, batch.views)
     assert calls == [16, 24] and len(out) == 5  # the 2 large crops in one forward, the 3 small in another
     assert torch.allclose(out[3], batch.views[3].mean((1, 2, 3)).unsqueeze(1))
+
+
+def test_multi_crop_for_is_and_pcps_warm_up_pairs_each_small_crop_with_each_large_one():
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+
+    def batch_of(method):
+        return make_batch(method, Augment(32), pixels, torch.arange(8), np.arange(8), 8, slice(0, 8),
+                          torch.Generator().manual_seed(0), False)
+    plain = METHODS["is"](Backbone("convnet", 32, width=8), 8)
+    batch = batch_of(plain)
+    z1, z2 = plain.backbone(torch.cat(batch.views)).chunk(2)
+    assert plain.views == 2 and torch.equal(plain.loss(batch)[0], invariant_spreading_loss(z1, z2, 0.1))
+
+    multi = METHODS["is"](Backbone("convnet", 32, width=8), 8, METHODS["is"].Config(small_crops=2))
+    multi.load_state_dict(plain.state_dict())
+    batch = batch_of(multi)
+    assert multi.views == 4 and [v.shape[-1] for v in batch.views] == [32, 32, 18, 18]
+    large = multi.backbone(torch.cat(batch.views[:2])).chunk(2)
+    small = multi.backbone(torch.cat(batch.views[2:])).chunk(2)
+    z = [*large, *small]
+    pairs = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3)]  # the large pair, then each small crop with each large one
+    by_hand = sum(invariant_spreading_loss(z[a], z[b], 0.1) for a, b in pairs) / 5
+    assert torch.allclose(multi.loss(batch)[0], by_hand, atol=1e-6)
+
+    pcp = METHODS["pcp"](Backbone("convnet", 32, width=8), 8, METHODS["pcp"].Config(small_crops=3, min_clusters=2))
+    assert pcp.views == 5 and pcp.view_augment(4, Augment(32)).size == 18  # the warm-up's IS branch
+    pcp.t = 1.0  # the warm-up over: one view, no small crops
+    assert pcp.views == 1
 
 
 def planted_images(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

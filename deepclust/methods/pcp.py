@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..augment import Augment
 from ..cluster import cluster_count, kmeans
 from ..cluster.purify import (
     cluster_anchors,
@@ -35,9 +36,10 @@ from ..cluster.purify import (
     squared_distances,
     vote_scores,
 )
-from ..distributed import gather_batch_rows_at
-from ..losses import group_loss, invariant_spreading_loss, label_positives
+from ..heads import embed_crops
+from ..losses import group_loss, label_positives
 from .base import Batch, EpochContext
+from .crops import SmallCropConfig, crop_augment, invariant_spreading_over_crops
 from .npid import NPID
 
 
@@ -46,11 +48,11 @@ class PCP(NPID):
     centroid, CP_s votes over past assignments; group loss over the purified cluster, instance loss for the rest."""
 
     name = "pcp"
-    views = 2  # during the IS warm-up; before_epoch sets self.views = 1 once the warm-up is over
+    views = 2  # during the IS warm-up (plus small_crops); before_epoch sets self.views = 1 once it is over
     epoch_attributes = ("t", "views", "stats")
 
     @dataclass
-    class Config(NPID.Config):
+    class Config(NPID.Config, SmallCropConfig):  # small crops: multi-crop in the warm-up's IS branch
         min_clusters: int | None = None  # N_t0, the floor of N_t; None: N / 50 (the paper's 1000 on CIFAR-10)
         progressive: bool = True  # False: N_t = the floor every epoch (Table I's DeepCluster-style row)
         kmeans_iters: int = 20
@@ -81,7 +83,8 @@ class PCP(NPID):
         # would be a guard of compile=true's graph, recompiled each warm-up epoch as t moves. Set through ``t``.
         self.register_buffer("loss_weight", torch.ones(()), persistent=False)
         self.t = 1.0
-        self.views = 2 if c.warmup else 1  # until the first epoch's targets: the memory plans count the warm-up's
+        # Until the first epoch's targets: the memory plans count the warm-up's views.
+        self.views = 2 + c.small_crops if c.warmup else 1
         self.stats: dict[str, float] = {}
 
     @property
@@ -92,7 +95,10 @@ class PCP(NPID):
     def t(self, value: float) -> None:  # also at a mid-epoch resume (an epoch attribute)
         self._t = value
         self.loss_weight.fill_(value)  # a host scalar as a kernel argument: no copy, no sync
-        self.views = 2 if value < 1 else 1  # the IS branch's second view while it has weight
+        self.views = 2 + self.config.small_crops if value < 1 else 1  # the IS branch's views while it has weight
+
+    def view_augment(self, view: int, augment: Augment) -> Augment:
+        return crop_augment(view, augment, self.config)
 
     def warmup_weight(self, ctx: EpochContext) -> float:
         """t for this epoch, or 1.0 once there is no warm-up."""
@@ -134,11 +140,10 @@ class PCP(NPID):
     def loss(self, batch: Batch):
         if self.views < 2:  # no IS branch: the warm-up is over (changes once a run)
             return super().loss(batch)
-        z1, z2 = self.backbone(torch.cat(batch.views[:2])).chunk(2)  # one forward: BN sees both views, as IS
-        pcp = group_loss(self.bank.logits(z1, self.config.tau), self.positives(batch.index))
-        (all1, offset), (all2, _) = gather_batch_rows_at(z1), gather_batch_rows_at(z2)  # the global batch
-        spread = invariant_spreading_loss(z1, z2, self.config.tau, all1, all2, offset)
-        return self.loss_weight * pcp + (1 - self.loss_weight) * spread, {"embedding": z1}
+        z = embed_crops(self.backbone, batch.views)  # one forward per crop size: BN sees both large views, as IS
+        pcp = group_loss(self.bank.logits(z[0], self.config.tau), self.positives(batch.index))
+        spread = invariant_spreading_over_crops(z, self.config.tau)
+        return self.loss_weight * pcp + (1 - self.loss_weight) * spread, {"embedding": z[0]}
 
     def after_epoch(self, ctx: EpochContext) -> dict[str, float]:
         return self.stats
