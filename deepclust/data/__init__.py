@@ -8,6 +8,8 @@ Sources (one ``--data`` string):
   FILE.npz                   ``images`` (N,H,W) or (N,H,W,C) uint8, optional ``labels``
   NAME:ROOT[:SPLIT]          torchvision's local files, never downloaded; NAME in cifar10, cifar100,
                              stl10, svhn, mnist
+  voc2007:ROOT[:SPLIT]       Pascal VOC from a local VOCdevkit (also voc2012): multi-label targets, boxes, masks
+                             (``voc``; SPLIT train, val, trainval or test)
 
 Labels are only ever used for evaluation (and by the ``supervised`` reference method).
 
@@ -50,6 +52,7 @@ from .npz import load_npz, npz_images_shape, read_npy_header
 from .pixels import check_memory, labels_tensor, square_uint8, to_nchw_uint8
 from .subsets import long_tail_counts, long_tail_subset, random_subset
 from .torchvision_sources import SPLITS, TORCHVISION_SOURCES, load_torchvision
+from .voc import VOC_SOURCES, VOCImageData, load_voc, parse_voc_spec
 
 __all__ = [
     "CACHE_FILES", "CACHE_FORMAT", "CACHE_HEADER", "CACHE_LABELS", "CACHE_PIXELS", "CACHE_VERSION",
@@ -59,7 +62,7 @@ __all__ = [
     "load_folder", "load_npz", "load_torchvision", "load_train_test", "log_report", "long_tail_counts",
     "long_tail_subset", "natural_size", "npz_images_shape", "parse_spec", "random_subset", "read_cache_header",
     "read_labels_csv", "align_classes", "apply_labels_file",
-    "read_npy_header", "square_uint8", "to_nchw_uint8",
+    "read_npy_header", "square_uint8", "to_nchw_uint8", "VOC_SOURCES", "VOCImageData", "load_voc",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 def parse_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
     """'digits', 'digits:test', 'cifar10:/root', 'cifar10:/root:test', 'file.npz', 'dir' -> (kind, root, split)."""
     head, _, rest = spec.partition(":")
+    if head in VOC_SOURCES:
+        return (head, *parse_voc_spec(head, rest, default_split))
     if head in ("digits", *TORCHVISION_SOURCES):
         root, split = rest, default_split
         if head == "digits":
@@ -115,6 +120,8 @@ def load_data(
     elif kind == "folder":
         data = load_folder(Path(root), image_size, bad_images, subset, subset_seed, backbone, workers)
         subset = None  # done before decoding, by load_folder: cheaper
+    elif kind in VOC_SOURCES:
+        data = load_voc(kind, root, split, image_size, bad_images, workers, backbone)
     else:
         data = load_torchvision(kind, root, split)
     data = random_subset(data, subset, subset_seed)
@@ -137,6 +144,8 @@ def default_test_spec(spec: str) -> str | None:
         return "digits:test"
     if kind in TORCHVISION_SOURCES and split in ("train", "train+unlabeled"):
         return f"{kind}:{root}:test"
+    if kind in VOC_SOURCES and split in ("train", "trainval"):  # 2007: test; 2012: val (its test is not public)
+        return f"{kind}:{root}:{'test' if kind == 'voc2007' else 'val'}"
     if kind == "folder":
         path = Path(root)
         if path.name == "train":
