@@ -21,6 +21,8 @@ from .commands import compare as compare_command
 from .commands import export as export_command
 from .commands import prepare as prepare_command
 from .commands import report as report_command
+from .commands import transfer as transfer_command
+from .commands import voc_svm as voc_svm_command
 from .config import ConfigError, read_yaml, resolve
 from .data import DataError, load_data, load_train_test
 from .eval import PROTOCOLS, evaluate_backbone, extract_features
@@ -85,6 +87,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.protocol == "voc-svm" and args.probe == "fast":  # multi-label: its own protocol (commands/voc_svm.py)
+        return voc_svm_command.run(args)
     if args.layers and args.protocol not in ("linear", "all"):
         raise ConfigError(f"--layers probes stages with the linear protocol; use --protocol linear or all, not "
                           f"{args.protocol}")
@@ -200,14 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-data")
     e.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
                    "images; the test classes are matched by name; on class folders prints labels_agreement")
-    e.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="knn",
-                   help="all: every protocol the data allows, one JSON")
+    e.add_argument("--protocol", choices=(*PROTOCOLS, "voc-svm", "all"), default="knn",
+                   help="all: every protocol the data allows, one JSON; voc-svm: ODC's VOC07 SVMs, one per class "
+                   "with the cost cross-validated on --data, mAP on the test split (--data voc2007:ROOT)")
     e.add_argument("--feature", choices=("embedding", "pooled"))
     e.add_argument("--k", type=int, default=200)
     e.add_argument("--tau", type=float, default=0.1)
     e.add_argument("--cluster-on", choices=("test", "train+test"), default="test",
                    help="images the cluster protocol clusters (train+test: the clustering papers' protocol)")
-    e.add_argument("--layers", help="linear: also probe each stage, 'all' or names (e.g. layer1,layer4)")
+    e.add_argument("--layers", help="linear, voc-svm: also probe each stage, 'all' or names (e.g. layer1,layer4)")
     e.add_argument("--layer-dim", type=int, default=2048,
                    help="--layers: stage features are average-pooled to about this many dimensions")
     e.add_argument("--ways", type=int, default=5, help="fewshot: classes per episode (at most the test classes)")
@@ -236,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
 
-    for command in (cluster_command, browse_command, export_command, report_command, compare_command, prepare_command):
+    for command in (cluster_command, browse_command, export_command, report_command, compare_command, prepare_command,
+                    transfer_command):
         command.add_parser(sub)
     sub.add_parser("methods", help="list the methods")
     return parser
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.command != "train" and rest:
+    if args.command not in ("train", "transfer") and rest:  # their key=value overrides
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     bad_flags = [r for r in rest if r.startswith("-")]
     if bad_flags:
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
                 "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
                 "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args),
-                "prepare": lambda: prepare_command.run(args), "browse": lambda: browse_command.run(args)}
+                "prepare": lambda: prepare_command.run(args), "browse": lambda: browse_command.run(args),
+                "transfer": lambda: transfer_command.run(args, rest)}
     try:
         return commands[args.command]()
     except RunInterrupted as err:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed job

@@ -18,13 +18,15 @@ import torch.nn as nn
 from .backbones import Sobel, build_trunk, normalization, timm_build_kwargs, timm_name
 from .checkpoint import FORMAT, CheckpointError, backbone_from_checkpoint, load_checkpoint
 from .config import ConfigError
+from .transfer.frameworks import FRAMEWORK_FORMATS, write_framework_file
 
 EXPORT_FORMAT = "deepclust-backbone/1"
-FORMATS = ("safetensors", "torchvision", "timm")
+FORMATS = ("safetensors", "torchvision", "timm", "detectron2", "mmdetection")
 TORCHVISION_NAMES = {"resnet50": "resnet50", "resnet18": "resnet18", "resnet18_cifar": "resnet18",
                      "vgg16_bn": "vgg16_bn"}
-FILE_KIND = {"safetensors": "safetensors", "torchvision": "torch pickle", "timm": "safetensors"}  # what is written
-SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "torchvision"}
+FILE_KIND = {"safetensors": "safetensors", "torchvision": "torch pickle", "timm": "safetensors",  # what is written
+             "detectron2": "numpy pickle", "mmdetection": "torch pickle"}
+SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "torchvision", ".pkl": "detectron2"}
 
 
 def small_stem(state: dict[str, torch.Tensor]) -> bool:
@@ -107,6 +109,13 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str | None = N
     payload = load_checkpoint(checkpoint)
     spec = payload["backbone"]
     name = spec["name"]
+    if fmt in FRAMEWORK_FORMATS:  # Detectron2's / mmdetection's ResNet names (transfer/frameworks.py)
+        if spec["sobel"]:
+            raise CheckpointError(f"backbone {name} with Sobel input has no {fmt} counterpart; use --format "
+                                  "safetensors")
+        trunk = backbone_from_checkpoint(payload).trunk
+        return write_framework_file(trunk.state_dict(), name, Path(out), fmt, *normalization(trunk),
+                                    {"backbone": name, "method": payload["method"], "image_size": spec["image_size"]})
     if timm_name(name) is not None:
         if spec["sobel"] and fmt != "safetensors":
             raise CheckpointError(f"backbone {name} with Sobel input has no timm counterpart; export with --format "

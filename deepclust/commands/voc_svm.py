@@ -1,0 +1,80 @@
+"""``deepclust eval --protocol voc-svm``: ODC's VOC07 SVM classification protocol (``eval.voc_svm``) on a
+VOC split (``voc2007:ROOT``: trainval to train, test to score) or any labelled data (one class an image)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from ..backbone_files import open_backbone
+from ..config import ConfigError
+from ..data import DataError, ImageData, VOCImageData, load_train_test
+from ..eval import extract_features
+from ..eval.layers import layer_features
+from ..eval.voc_svm import VOC_SVM_COSTS, one_hot_targets, voc_svm
+
+
+def multi_labels(data: ImageData, num_classes: int | None = None) -> torch.Tensor:
+    """(N, C) targets of a VOC split, or of single-label data as one-hot; unlabelled data is a DataError."""
+    if isinstance(data, VOCImageData) and data.targets is not None:
+        return data.targets
+    if data.labels is None:
+        raise DataError(f"{data.name} has no labels: the voc-svm protocol needs VOC's multi-labels "
+                        "(--data voc2007:ROOT) or labelled data (class subfolders, 'labels')")
+    return one_hot_targets(data.labels, num_classes or data.num_classes)
+
+
+def evaluate_voc_svm(model: Any, train: ImageData, test: ImageData, device: torch.device, seed: int = 0,
+                     layers: tuple[str, ...] = (), layer_dim: int = 2048,
+                     costs: tuple[float, ...] = VOC_SVM_COSTS) -> dict[str, Any]:
+    """The protocol on the pooled features, and with ``layers`` on each stage's (``voc_svm_map_<stage>``)."""
+    classes = max(train.num_classes or 0, test.num_classes or 0) or None
+    ytr, yte = multi_labels(train, classes), multi_labels(test, classes)
+    names = train.classes if train.classes and len(train.classes) == ytr.shape[1] else None
+    size = train.image_size
+    out: dict[str, Any] = {}
+    try:
+        feats = [extract_features(model, d.images, "pooled", device=device, image_size=size, normalize=False)
+                 for d in (train, test)]
+        out.update(voc_svm(feats[0], ytr, feats[1], yte, costs, seed, names))
+        if layers:
+            wanted = None if tuple(layers) == ("all",) else list(layers)
+            try:
+                train_layers, test_layers = (layer_features(model, d.images, wanted, layer_dim, device, size)
+                                             for d in (train, test))
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+            out["layer_dims"] = {name: f.shape[1] for name, f in train_layers.items()}
+            for name, f in train_layers.items():
+                out[f"voc_svm_map_{name}"] = voc_svm(f, ytr, test_layers[name], yte, costs, seed, names)["voc_svm_map"]
+    except ValueError as err:
+        if isinstance(err, (ConfigError, DataError)):
+            raise
+        raise DataError(f"voc-svm on {train.name}: {err}") from err
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """``eval --protocol voc-svm``: prints the mAP, each class's AP and chosen cost (or one JSON with --json)."""
+    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
+    device = torch.device(args.device)
+    model = opened.model.to(device)
+    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images, labels=args.labels)
+    if test is None:
+        raise DataError("eval needs --test-data unless --data has an obvious test split (voc2007:ROOT: test)")
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "method": opened.method, "protocol": "voc-svm",
+                              "data": args.data, "test_data": test.name, "feature": "pooled",
+                              "svm_costs": list(VOC_SVM_COSTS), "seed": args.seed}
+    if opened.payload is None:
+        result.update(backbone=model.name, backbone_file=opened.file.description, image_size=opened.image_size)
+    layers = tuple(args.layers.split(",")) if args.layers else ()
+    result.update(evaluate_voc_svm(model, train, test, device, args.seed, layers, args.layer_dim))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
