@@ -194,6 +194,11 @@ def targets(name: str, epoch: int, fp: Count) -> Cost:
     if name == "deepcluster":  # pooled 512-d -> PCA-256 (float64 covariance, float32 projection) -> k-means
         costs += [feature_pass, ({"fp64": 2.0 * N * 512 * 512, "tf32": 2.0 * N * 512 * 256}, 20),
                   kmeans_cost(N, K, 256)]
+    if name == "deepclusterv2":  # spherical k-means of the memory of last epoch's embeddings (no feature pass):
+        costs += [kmeans_cost(N, K, D, iters=10)] * 3  # 3 heads of N / 50, 10 passes
+    if name == "sela":  # labels every epoch: a pooled feature pass, 10 heads' logits (512 -> N / 50), and 100
+        # float64 Sinkhorn iterations a head (two matrix-vector products over the N x K plan, ~4 kernels each)
+        costs += [feature_pass, ({"tf32": 10 * 2.0 * N * 512 * K, "fp64": 10 * 100 * 4.0 * N * K}, 10 * 100 * 4)]
     if name == "odc" and epoch == 0:  # the initial k-means of the 256-d neck features (once a run)
         costs += [feature_pass, kmeans_cost(N, K, 256)]
     return total(*costs)
