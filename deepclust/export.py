@@ -96,7 +96,7 @@ def export_format(out: str | Path, fmt: str | None = None) -> str:
     if fmt is None:
         return implied or "safetensors"
     if implied is not None and FILE_KIND[fmt] != FILE_KIND[implied]:
-        fix = ".safetensors" if FILE_KIND[fmt] == "safetensors" else ".pth"
+        fix = ".safetensors" if FILE_KIND[fmt] == "safetensors" else ".pkl" if fmt == "detectron2" else ".pth"
         raise ConfigError(f"--format {fmt} writes a {FILE_KIND[fmt]} file, but {out} is named as a "
                           f"{FILE_KIND[implied]} one; name it *{fix}, or pass --format {implied}")
     return fmt
