@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from voc_layout import make_voc
 
 from deepclust.checkpoint import load_checkpoint
 from deepclust.cli import main
+from deepclust.transfer.synthetic import make_voc
 
 # tiny images and few proposals: a step of R-18 Faster R-CNN is about 1 s on one thread
 DETECTION = ["batch_size=2", "lr=0.01", "min_size=[64]", "test_min_size=64", "max_size=96", "warmup_iterations=0",

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from voc_layout import make_voc
 
 from deepclust.checkpoint import CheckpointError
 from deepclust.cli import main
@@ -18,6 +17,7 @@ from deepclust.data.voc import VOC_CLASSES, image_targets, read_mask, read_voc
 from deepclust.eval.voc_metrics import confusion_matrix, detection_aps, mean_iou, ranking_ap, voc_ap
 from deepclust.eval.voc_svm import voc_svm
 from deepclust.transfer.frameworks import read_detectron2_file, write_framework_file
+from deepclust.transfer.synthetic import make_voc
 
 
 @pytest.fixture(scope="module")
