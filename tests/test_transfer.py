@@ -5,12 +5,15 @@ falls, the metrics are in range, a resumed run equals the uninterrupted one, bad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from deepclust.checkpoint import load_checkpoint
 from deepclust.cli import main
+from deepclust.config import read_yaml
+from deepclust.transfer.config import resolve_transfer
 from deepclust.transfer.synthetic import make_voc
 
 # tiny images and few proposals: a step of R-18 Faster R-CNN is about 1 s on one thread
@@ -106,3 +109,20 @@ def test_bad_input_is_refused_with_the_fix(voc_root, trained_checkpoint, tmp_pat
     assert main(["transfer", task, "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "bad"),
                  *extra, "device=cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "transfer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_the_shipped_configs_resolve(path):
+    cfg = resolve_transfer([read_yaml(path), {"checkpoint": "C", "data": "voc2007:ROOT"}])
+    assert cfg.iterations >= 1 and all(step <= cfg.iterations for step in cfg.lr_steps)
+
+
+def test_the_detection_recipe_is_detectron2s_voc_schedule():
+    cfg = resolve_transfer([read_yaml(Path(__file__).parents[1] / "configs/transfer/voc07_detection_r50_fpn.yaml"),
+                            {"checkpoint": "C", "data": "voc2007:ROOT"}])
+    assert (cfg.iterations, cfg.lr_steps, cfg.lr, cfg.batch_size, cfg.test_min_size) == \
+        (18000, [12000, 16000], 0.02, 16, 800)
+    assert cfg.min_size == list(range(480, 801, 32))

@@ -4,8 +4,10 @@ torchvision's Faster R-CNN (FPN), FCN / DeepLabV3, or under a multi-label head (
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from .. import distributed
 from ..backbone_files import BACKBONE_FILE_HELP
 from ..config import ConfigError, parse_overrides, read_yaml
 from ..transfer.config import MODELS, TASKS, TransferConfig, resolve_transfer
@@ -26,7 +28,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.config and layers[0].get("task", args.task) != args.task:
         raise ConfigError(f"{args.config} is a {layers[0]['task']} config; run deepclust transfer {layers[0]['task']}")
     cfg = resolve_transfer(layers)
+    if distributed.launch_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     row = transfer(cfg, resume=args.resume, overwrite=args.overwrite)
+    if distributed.launch_rank() != 0:
+        return 0
     if row.get("stopped"):
         print(f"stopped after iteration {row['iteration']} (stop_after); continue with --resume")
         return 0
