@@ -1,11 +1,11 @@
 """VOC transfer (issue 33): the synthetic VOC-layout SVM mAP of trained backbones, and the projected time of the
 papers' VOC07 detection recipe on one H200.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer svm --checkpoint NAME=FILE [NAME=FILE ...] --out DIR
+    OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer svm --checkpoint NAME=FILE [NAME=FILE ...] --out DIR [--seed S]
     OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer project --out DIR
 
 ``svm``: writes a synthetic VOC layout (``deepclust.transfer.synthetic``: one shape a class, random colours; 6
-classes, 300 trainval and 300 test images of 80 x 64 px, seed 0) under DIR/voc and runs ``eval --protocol
+classes, 300 trainval and 300 test images of 64 x 64 px, drawn with --seed) under DIR/voc-S and runs ``eval --protocol
 voc-svm`` (ODC's VOC07 SVMs, cost by 3-fold CV) on each checkpoint at its own image size. It checks that the
 protocol ranks backbones; it is not VOC.
 
@@ -42,9 +42,9 @@ def svm(args: argparse.Namespace) -> None:
     from deepclust.transfer.synthetic import make_voc
 
     out = Path(args.out)
-    root = out / "voc"
+    root = out / f"voc-{args.seed}"
     if not (root / "VOCdevkit").is_dir():
-        make_voc(root, sizes={"train": 200, "val": 100, "test": 300}, classes=6, seed=0)
+        make_voc(root, sizes={"train": 200, "val": 100, "test": 300}, width=64, height=64, classes=6, seed=args.seed)
     results = {}
     for item in args.checkpoint:
         name, _, path = item.partition("=")
@@ -58,8 +58,9 @@ def svm(args: argparse.Namespace) -> None:
         print(f"| {name} | {path} | {result['voc_svm_map']:.2f} | "
               + " / ".join(f"{v:.1f}" for v in result["voc_svm_ap"].values()) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "svm.json").write_text(json.dumps({"data": "synthetic VOC layout: 6 classes, 300 trainval, 300 test, "
-                                                      "80x64 px, seed 0", "results": results}, indent=1))
+    (out / f"svm-{args.seed}.json").write_text(json.dumps({
+        "data": f"synthetic VOC layout: 6 classes, 300 trainval, 300 test, 64x64 px, seed {args.seed}",
+        "results": results}, indent=1))
 
 
 def count(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict] | None) -> float:
@@ -129,7 +130,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("svm", help="voc-svm mAP of checkpoints on a synthetic VOC layout")
     s.add_argument("--checkpoint", nargs="+", required=True, help="NAME=FILE, a backbone file each")
-    s.add_argument("--out", required=True, help="folder for the synthetic VOC and svm.json")
+    s.add_argument("--out", required=True, help="folder for the synthetic VOC and svm-SEED.json")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic VOC layout")
     p = sub.add_parser("project", help="projected H200 time of the VOC07 detection recipe")
     p.add_argument("--out", required=True, help="folder for projection.json")
     args = parser.parse_args()
