@@ -1,4 +1,4 @@
-"""The ``deepclust`` command: train, eval, embed, cluster, export, report, compare, prepare, methods."""
+"""The ``deepclust`` command: train, eval, embed, cluster, export, report, compare, prepare, transfer, methods."""
 
 from __future__ import annotations
 
