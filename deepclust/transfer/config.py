@@ -56,6 +56,7 @@ class TransferConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    num_workers: int = 0  # DataLoader processes decoding the training batches (0: the main process)
     log_every: int = 20
     checkpoint_every: int = 1000
     stop_after: int | None = None  # stop (checkpointed, resumable) after this many iterations
@@ -126,6 +127,8 @@ def check(cfg: TransferConfig) -> None:
                 "image_size", "test_min_size", "max_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be at least 0, got {cfg.num_workers}")
     if not 0 <= cfg.trainable_layers <= 5:
         raise ConfigError(f"trainable_layers must be 0-5 (ResNet stages from layer4 down), got {cfg.trainable_layers}")
     if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.warmup_iterations < 0:

@@ -22,7 +22,16 @@ from .. import distributed
 from ..backbone_files import open_backbone
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..run_folder import CHECKPOINT, CONFIG, METRICS, check_same_config, claim_folder, resume_from_checkpoint
-from ..safety import STOP, LossGuard, RunInterrupted, disk_full_is_a_run_error, hold_folder, stop_on_signals
+from ..safety import (
+    STOP,
+    LossGuard,
+    RunInterrupted,
+    disk_full_is_a_run_error,
+    hold_folder,
+    ignore_stop_signals,
+    start_workers,
+    stop_on_signals,
+)
 from ..train import read_metrics, resolve_device, write_metrics
 from .config import TransferConfig
 from .tasks import build_task
@@ -37,6 +46,19 @@ def lr_factor(cfg: TransferConfig, iteration: int) -> float:
         alpha = iteration / cfg.warmup_iterations
         return decay * (cfg.warmup_factor * (1 - alpha) + alpha)
     return decay
+
+
+class Batches(torch.utils.data.Dataset):
+    """The task's batches of iterations ``start``..``stop`` - 1, in order, for a DataLoader (workers decode)."""
+
+    def __init__(self, task: Any, start: int, stop: int):
+        self.task, self.start, self.stop = task, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        return self.task.batch(self.start + i)
 
 
 def transfer(cfg: TransferConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -99,11 +121,14 @@ def transfer_in_folder(cfg: TransferConfig, resume: bool) -> dict[str, Any]:
     window: list[dict[str, float]] = []
     began = time.perf_counter()
     wrapped.train()
-    for iteration in range(start, stop):
+    loader = torch.utils.data.DataLoader(Batches(task, start, stop), batch_size=None, num_workers=cfg.num_workers,
+                                         worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
+                                         persistent_workers=False)
+    for iteration, batch in zip(range(start, stop), start_workers(loader), strict=True):
         torch.manual_seed(cfg.seed * 1_000_003 + iteration)  # the models' own sampling (RPN, ROI heads, sizes)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, iteration)
-        losses = task.loss(wrapped, iteration, device)
+        losses = task.loss(wrapped, batch, device)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         if guard.ok(loss, iteration):

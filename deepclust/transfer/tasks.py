@@ -2,7 +2,8 @@
 
 Every batch is a function of (seed, iteration) alone: the images of iteration i are positions i*B..(i+1)*B-1 of
 the epoch's seeded permutation, and their flips come from the same seed, so a resumed run draws what the
-uninterrupted one drew. Under torchrun each rank takes its contiguous part of the global batch.
+uninterrupted one drew, and ``batch`` may run in DataLoader workers (``num_workers``: decoding JPEGs). Under
+torchrun each rank takes its contiguous part of the global batch.
 """
 
 from __future__ import annotations
@@ -89,17 +90,21 @@ class DetectionTask:
         labels = torch.tensor([o.label + 1 for o in record.objects], dtype=torch.int64)
         return {"boxes": boxes, "labels": labels}
 
-    def loss(self, model: nn.Module, iteration: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, iteration: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """This rank's images of ``iteration`` (decoded, flipped) and their targets, on the CPU."""
         rows, gen = batch_positions(len(self.train), self.cfg.batch_size, self.cfg.seed, iteration)
         images, targets = [], []
         for row in rows.tolist():
             record = self.train[row]
             image = read_image(record.image)
             flip = bool(torch.rand((), generator=gen) < 0.5)
-            target = self.target(record, flip, image.shape[-1])
-            images.append((image.flip(-1) if flip else image).to(device))
-            targets.append({k: v.to(device) for k, v in target.items()})
-        return model(images, targets)
+            targets.append(self.target(record, flip, image.shape[-1]))
+            images.append(image.flip(-1) if flip else image)
+        return images, targets
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return model([x.to(device) for x in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
@@ -151,7 +156,8 @@ class SegmentationTask:
             return mask
         return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
 
-    def loss(self, model: nn.Module, iteration: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's normalised images of ``iteration`` and their masks (flipped together), on the CPU."""
         rows, gen = batch_positions(len(self.train), self.cfg.batch_size, self.cfg.seed, iteration)
         images, masks = [], []
         for row in rows.tolist():
@@ -161,8 +167,12 @@ class SegmentationTask:
                 image, mask = image.flip(-1), mask.flip(-1)
             images.append(image)
             masks.append(mask)
-        logits = model(torch.stack(images).to(device))
-        return {"loss_seg": F.cross_entropy(logits, torch.stack(masks).to(device), ignore_index=VOID)}
+        return torch.stack(images), torch.stack(masks)
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        images, masks = batch
+        logits = model(images.to(device))
+        return {"loss_seg": F.cross_entropy(logits, masks.to(device), ignore_index=VOID)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
@@ -203,12 +213,15 @@ class MultiLabelTask:
         self.test_images, self.test_targets = test.images[:limit], multi_labels(test, classes)[:limit]
         self.model = multilabel_model(backbone, cfg, self.train_targets.shape[1])
 
-    def loss(self, model: nn.Module, iteration: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's uint8 images of ``iteration``, their flips and multi-labels, on the CPU."""
         rows, gen = batch_positions(len(self.train_images), self.cfg.batch_size, self.cfg.seed, iteration)
-        x = test_transform(self.train_images[rows].to(device), self.cfg.image_size, self.mean, self.std)
-        flips = (torch.rand(len(rows), generator=gen) < 0.5).to(device)
+        return self.train_images[rows], torch.rand(len(rows), generator=gen) < 0.5, self.train_targets[rows]
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        images, flips, targets = (t.to(device) for t in batch)
+        x = test_transform(images, self.cfg.image_size, self.mean, self.std)  # the backbone's normalisation
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        targets = self.train_targets[rows].to(device)
         weight = (targets != 0).float()  # difficult-only: neither positive nor negative
         logits = model(x)
         return {"loss_bce": F.binary_cross_entropy_with_logits(logits, (targets > 0).float(), weight=weight)}
