@@ -226,3 +226,13 @@ def test_export_detectron2_cli_and_refusals(tmp_path, trained_checkpoint, capsys
     with pytest.raises(CheckpointError, match="CIFAR stem"):
         write_framework_file(cifar.state_dict(), "resnet18_cifar", tmp_path / "c.pkl", "detectron2", (0.5,) * 3,
                              (0.5,) * 3, {})
+
+
+def test_voc_svm_takes_single_label_data_as_one_hot():
+    from deepclust.commands.voc_svm import multi_labels
+    from deepclust.data import ImageData
+
+    data = ImageData(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), torch.tensor([2, 0, 2]), "three", ["a", "b", "c"])
+    assert multi_labels(data).tolist() == [[-1, -1, 1], [1, -1, -1], [-1, -1, 1]]
+    with pytest.raises(DataError, match="voc2007:ROOT"):
+        multi_labels(ImageData(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), None, "unlabelled"))
