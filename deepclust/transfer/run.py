@@ -118,7 +118,7 @@ def transfer_in_folder(cfg: TransferConfig, resume: bool) -> dict[str, Any]:
 
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, cfg.stop_after)
     guard = LossGuard(cfg.nan_policy, path, lambda i: f"iteration {i}", check_every=cfg.log_every)
-    window: list[dict[str, float]] = []
+    window: list[dict[str, torch.Tensor]] = []
     began = time.perf_counter()
     wrapped.train()
     loader = torch.utils.data.DataLoader(Batches(task, start, stop), batch_size=None, num_workers=cfg.num_workers,
@@ -134,12 +134,12 @@ def transfer_in_folder(cfg: TransferConfig, resume: bool) -> dict[str, Any]:
         if guard.ok(loss, iteration):
             loss.backward()
             optimizer.step()
-        window.append({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}})
+        window.append({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})  # read at the log
         done = iteration + 1
         if done % cfg.log_every == 0 or done == stop:
             guard.finish()
             row = {"iteration": done, "lr": optimizer.param_groups[0]["lr"],
-                   **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                   **{k: float(torch.stack([w[k] for w in window]).float().mean()) for k in window[0]},
                    "time": time.perf_counter() - began}
             log.info("iteration %d: %s", done, {k: round(v, 4) for k, v in row.items()})
             if main:
