@@ -73,3 +73,19 @@ def test_odc_head_momentum_sets_the_classifiers_momentum_only(head_momentum, rat
         moves.append(((before[0] - head.detach()).abs().mean(), (before[1] - trunk.detach()).abs().mean()))
     assert float(moves[1][0] / moves[0][0]) == pytest.approx(ratio, rel=1e-4)
     assert float(moves[1][1] / moves[0][1]) == pytest.approx(1.9, rel=1e-4)  # the trunk keeps the trainer's
+
+
+def test_the_cpu_own_profile_scales_each_recipe_into_the_cpu_run():
+    """benchmarks' cpu-own profile: what a recipe counts in steps, epochs or clusters of a 50,000-image run is
+    scaled into the 5,000-image, 15-epoch run (the files' 391 frozen steps or 3000 clusters would not fit)."""
+    from benchmarks.profiles import PROFILES
+
+    spec = PROFILES["cpu-own"]
+    shared = {k: v for k, v in spec["train"].items() if k not in ("data", "test_data")}
+    assert sorted(spec["methods"]) == ["deepclusterv2", "sela", "swav"]
+    for method, keys in spec["methods"].items():
+        cfg, hp = resolve([{**shared, "method": method, **keys}])
+        steps = cfg.epochs * -(-cfg.subset // cfg.batch_size)
+        assert cfg.batch_size == 256 and cfg.warmup_epochs < cfg.epochs / 10, method
+        assert getattr(hp, "freeze_prototypes_steps", 0) <= steps / 7, method  # solo-learn: 2 of its epochs
+        assert getattr(hp, "k", 1) * 10 <= cfg.subset, method  # at least 10 images a cluster
