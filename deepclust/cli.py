@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -18,15 +17,15 @@ from .cluster import ClusteringError
 from .commands import browse as browse_command
 from .commands import cluster as cluster_command
 from .commands import compare as compare_command
+from .commands import evaluate as evaluate_command
 from .commands import export as export_command
 from .commands import prepare as prepare_command
 from .commands import report as report_command
 from .commands import transfer as transfer_command
 from .commands import voc_svm as voc_svm_command
 from .config import ConfigError, read_yaml, resolve
-from .data import DataError, load_data, load_train_test
-from .eval import PROTOCOLS, evaluate_backbone, extract_features
-from .eval.knn import usable_k
+from .data import DataError, load_data
+from .eval import PROTOCOLS, extract_features
 from .eval.lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS
 from .eval.protocols import PROBES
 from .safety import RunError, RunInterrupted
@@ -86,59 +85,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    if args.protocol == "voc-svm" and args.probe == "fast":  # multi-label: its own protocol (commands/voc_svm.py)
+def eval_command(args: argparse.Namespace) -> int:
+    """voc-svm (multi-label) has its own command; the single-label protocols share ``commands/evaluate.py``."""
+    if args.protocol == "voc-svm" and args.probe == "fast":  # with --probe sgd, evaluate's check names the fix
         return voc_svm_command.run(args)
-    if args.layers and args.protocol not in ("linear", "all"):
-        raise ConfigError(f"--layers probes stages with the linear protocol; use --protocol linear or all, not "
-                          f"{args.protocol}")
-    if args.probe != "fast" and args.protocol not in ("linear", "all"):
-        raise ConfigError(f"--probe {args.probe} trains the linear protocol's probe; use --protocol linear or all, "
-                          f"not {args.protocol}")
-    if args.k < 1 or not args.tau > 0:
-        raise ConfigError(f"--k must be at least 1 and --tau above 0, got {args.k} and {args.tau}")
-    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
-    device = torch.device(args.device)
-    model = opened.model.to(device)
-    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images, labels=args.labels)
-    if test is None:
-        raise DataError("eval needs --test-data (labelled) unless --data has an obvious test split")
-    feature = opened.eval_feature
-    result = {"checkpoint": str(args.checkpoint), "method": opened.method, "protocol": args.protocol,
-              "data": args.data, "test_data": test.name,
-              "feature": "pooled" if args.protocol == "linear" else feature}
-    if args.labels:  # the labels a person gave (the cluster browser's labels.csv) and, on class folders, their accuracy
-        result["labels"] = args.labels
-        if train.labels_agreement is not None:
-            result["labels_agreement"] = 100 * train.labels_agreement
-    if opened.payload is None:  # a plain backbone file: say which network was evaluated
-        result.update(backbone=model.name, backbone_file=opened.file.description, image_size=opened.image_size)
-    if args.protocol in ("knn", "all"):  # the k used: at most what the training set allows (logged when capped)
-        result["k"] = usable_k(args.k, train.labels) if train.labels is not None else args.k
-    if args.protocol in ("linear", "all"):
-        result["probe"] = args.probe
-        if args.probe == "sgd":
-            result.update(probe_epochs=args.probe_epochs, seed=args.seed)
-    if args.protocol in ("linear", "all") and args.layers:
-        result["layer_dim"] = args.layer_dim
-    if args.protocol in ("cluster", "all"):
-        result["cluster_on"] = args.cluster_on
-    if args.protocol in ("fewshot", "all"):
-        result.update(fewshot_queries=args.queries, fewshot_episodes=args.episodes, seed=args.seed)
-    if args.protocol in ("lowshot", "all"):
-        result.update(lowshot_draws=args.lowshot_draws, svm_cost=args.svm_cost, seed=args.seed)
-    result.update(evaluate_backbone(model, train, test, feature, (args.protocol,), device, args.k, args.tau,
-                                    args.cluster_on, args.ways, tuple(args.shots), args.queries, args.episodes,
-                                    args.seed, tuple(args.layers.split(",")) if args.layers else (),
-                                    args.layer_dim, probe=args.probe, probe_epochs=args.probe_epochs,
-                                    lowshot_shots=tuple(args.lowshot_shots), lowshot_draws=args.lowshot_draws,
-                                    svm_cost=args.svm_cost))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    return 0
+    return evaluate_command.run(args)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -259,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad_flags:
         parser.error(f"unrecognised arguments: {' '.join(bad_flags)}")
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": lambda: cmd_train(args, rest, argv), "eval": lambda: cmd_eval(args),
+    commands = {"train": lambda: cmd_train(args, rest, argv), "eval": lambda: eval_command(args),
                 "embed": lambda: cmd_embed(args), "methods": lambda: cmd_methods(args),
                 "cluster": lambda: cluster_command.run(args), "export": lambda: export_command.run(args),
                 "report": lambda: report_command.run(args), "compare": lambda: compare_command.run(args),

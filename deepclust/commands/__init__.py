@@ -1,1 +1,2 @@
-"""The commands beyond training: cluster, export, report, compare. Only ``deepclust.cli`` imports them."""
+"""The commands beyond training (eval, cluster, browse, export, report, compare, prepare, transfer). Only
+``deepclust.cli`` imports them."""

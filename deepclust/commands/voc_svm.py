@@ -4,17 +4,16 @@ VOC split (``voc2007:ROOT``: trainval to train, test to score) or any labelled d
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
 
-from ..backbone_files import open_backbone
 from ..config import ConfigError
-from ..data import DataError, ImageData, VOCImageData, load_train_test
+from ..data import DataError, ImageData, VOCImageData
 from ..eval import extract_features
 from ..eval.layers import layer_features
 from ..eval.voc_svm import VOC_SVM_COSTS, one_hot_targets, voc_svm
+from .evaluate import open_model_and_splits, print_result
 
 
 def multi_labels(data: ImageData, num_classes: int | None = None) -> torch.Tensor:
@@ -59,12 +58,7 @@ def evaluate_voc_svm(model: Any, train: ImageData, test: ImageData, device: torc
 
 def run(args: argparse.Namespace) -> int:
     """``eval --protocol voc-svm``: prints the mAP, each class's AP and chosen cost (or one JSON with --json)."""
-    opened = open_backbone(args.checkpoint, args.backbone, args.image_size, args.feature)
-    device = torch.device(args.device)
-    model = opened.model.to(device)
-    train, test = load_train_test(args.data, args.test_data, opened.image_size, args.bad_images, labels=args.labels)
-    if test is None:
-        raise DataError("eval needs --test-data unless --data has an obvious test split (voc2007:ROOT: test)")
+    opened, device, model, train, test = open_model_and_splits(args)
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "method": opened.method, "protocol": "voc-svm",
                               "data": args.data, "test_data": test.name, "feature": "pooled",
                               "svm_costs": list(VOC_SVM_COSTS), "seed": args.seed}
@@ -72,9 +66,5 @@ def run(args: argparse.Namespace) -> int:
         result.update(backbone=model.name, backbone_file=opened.file.description, image_size=opened.image_size)
     layers = tuple(args.layers.split(",")) if args.layers else ()
     result.update(evaluate_voc_svm(model, train, test, device, args.seed, layers, args.layer_dim))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    print_result(result, args.json)
     return 0
