@@ -11,7 +11,7 @@ import torch
 from ..config import ConfigError
 from ..data import DataError, ImageData, VOCImageData
 from ..eval import extract_features
-from ..eval.layers import layer_features
+from ..eval.protocols import score_layers
 from ..eval.voc_svm import VOC_SVM_COSTS, one_hot_targets, voc_svm
 from .evaluate import open_model_and_splits, print_result
 
@@ -40,15 +40,8 @@ def evaluate_voc_svm(model: Any, train: ImageData, test: ImageData, device: torc
                  for d in (train, test)]
         out.update(voc_svm(feats[0], ytr, feats[1], yte, costs, seed, names))
         if layers:
-            wanted = None if tuple(layers) == ("all",) else list(layers)
-            try:
-                train_layers, test_layers = (layer_features(model, d.images, wanted, layer_dim, device, size)
-                                             for d in (train, test))
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-            out["layer_dims"] = {name: f.shape[1] for name, f in train_layers.items()}
-            for name, f in train_layers.items():
-                out[f"voc_svm_map_{name}"] = voc_svm(f, ytr, test_layers[name], yte, costs, seed, names)["voc_svm_map"]
+            out.update(score_layers(model, train, test, layers, layer_dim, device, size, "voc_svm_map",
+                                    lambda ftr, fte: voc_svm(ftr, ytr, fte, yte, costs, seed, names)["voc_svm_map"]))
     except ValueError as err:
         if isinstance(err, (ConfigError, DataError)):
             raise

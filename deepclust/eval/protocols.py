@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,23 @@ from .lowshot import LOWSHOT_DRAWS, LOWSHOT_SHOTS, fillable_shots, lowshot_svm
 PROTOCOLS = ("knn", "linear", "cluster", "fewshot", "lowshot")
 CLUSTER_ON = ("test", "train+test")
 PROBES = ("fast", "sgd")
+
+
+def score_layers(model: Backbone, train: ImageData, test: ImageData, layers: tuple[str, ...], layer_dim: int,
+                 device: torch.device | None, size: int | None, key: str,
+                 score: Callable[[torch.Tensor, torch.Tensor], float]) -> dict[str, Any]:
+    """A protocol on each stage's pooled features (``layers``: names, or ``("all",)``): ``score(train, test)``
+    as ``KEY_<stage>``, and each stage's dimension as ``layer_dims``. A stage the backbone lacks: ConfigError."""
+    names = None if tuple(layers) == ("all",) else list(layers)
+    try:
+        train_layers, test_layers = (layer_features(model, d.images, names, layer_dim, device, size)
+                                     for d in (train, test))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    out: dict[str, Any] = {"layer_dims": {name: f.shape[1] for name, f in train_layers.items()}}
+    for name, f in train_layers.items():
+        out[f"{key}_{name}"] = score(f, test_layers[name])
+    return out
 
 
 def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, feature: str,
@@ -77,15 +95,8 @@ def evaluate_backbone(model: Backbone, train: ImageData, test: ImageData, featur
         out["linear_top1"] = linear_probe(feats(train, "pooled", False), ytr, feats(test, "pooled", False), yte,
                                           num_classes=classes)
     if "linear" in protocols and layers:
-        names = None if tuple(layers) == ("all",) else list(layers)
-        try:
-            train_layers, test_layers = (layer_features(model, d.images, names, layer_dim, device, size)
-                                         for d in (train, test))
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        out["layer_dims"] = {name: f.shape[1] for name, f in train_layers.items()}
-        for name, f in train_layers.items():
-            out[f"linear_top1_{name}"] = linear_probe(f, ytr, test_layers[name], yte, num_classes=classes)
+        out.update(score_layers(model, train, test, layers, layer_dim, device, size, "linear_top1",
+                                lambda ftr, fte: linear_probe(ftr, ytr, fte, yte, num_classes=classes)))
     if "cluster" in protocols and cluster_on == "train+test":
         out.update(cluster_metrics(torch.cat((feats(train, feature), test_feats)), torch.cat((ytr, yte))))
     elif "cluster" in protocols:
