@@ -136,7 +136,16 @@ PROFILES["large"] = {
 # Each method at its own paper's recipe (deepclust/configs/own/*.yaml) at the medium scale (issue 24): the
 # medium data and epochs, the recipe's optimiser, schedule, input and cluster counts. Multi-round recipes keep
 # the medium's 50 epochs in all (5 rounds of 10); UIC's fixed-label phase keeps its 6% (3 of 50 epochs).
-OWN_RECIPE_MEDIUM = {"and": {"epochs": 10}, "pcp": {"epochs": 10, "vote_epochs": 4}, "uic": {"fft_epochs": 3}}
+# The clustering methods of issue 30 are scaled as in the cpu-own profile below, into 10,000 images and 50
+# epochs (39 steps an epoch at batch 256): 3 warm-up epochs (the file's 5% rounded up), prototypes frozen for 2
+# epochs (78 steps), DeepClusterV2's 17 images a cluster (600 clusters), SeLa's about 427 (23 clusters), with
+# its labels renewed every epoch (50 updates; its paper makes 80).
+OWN_RECIPE_MEDIUM = {
+    "and": {"epochs": 10}, "pcp": {"epochs": 10, "vote_epochs": 4}, "uic": {"fft_epochs": 3},
+    "swav": {"warmup_epochs": 3, "freeze_prototypes_steps": 78},
+    "deepclusterv2": {"warmup_epochs": 3, "k": 600},
+    "sela": {"k": 23, "label_every": 1},
+}
 
 
 def own_recipe(method: str, scale: dict) -> dict:
@@ -149,7 +158,8 @@ def own_recipe(method: str, scale: dict) -> dict:
 
 PROFILES["medium-own"] = {
     "train": PROFILES["medium"]["train"],
-    "methods": {m: own_recipe(m, OWN_RECIPE_MEDIUM) for m in ("deepcluster", "odc", "uic", "and", "pcp")},
+    "methods": {m: own_recipe(m, OWN_RECIPE_MEDIUM)
+                for m in ("deepcluster", "odc", "uic", "and", "pcp", "swav", "deepclusterv2", "sela")},
 }
 
 # The clustering methods of issue 30 at their own recipes (configs/own/{swav,deepclusterv2,sela}.yaml) at the

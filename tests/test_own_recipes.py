@@ -75,15 +75,18 @@ def test_odc_head_momentum_sets_the_classifiers_momentum_only(head_momentum, rat
     assert float(moves[1][1] / moves[0][1]) == pytest.approx(1.9, rel=1e-4)  # the trunk keeps the trainer's
 
 
-def test_the_cpu_own_profile_scales_each_recipe_into_the_cpu_run():
-    """benchmarks' cpu-own profile: what a recipe counts in steps, epochs or clusters of a 50,000-image run is
-    scaled into the 5,000-image, 15-epoch run (the files' 391 frozen steps or 3000 clusters would not fit)."""
+@pytest.mark.parametrize("profile", ["cpu-own", "medium-own"])
+def test_the_own_profiles_scale_each_clustering_recipe_into_their_run(profile):
+    """benchmarks' cpu-own and medium-own profiles: what a recipe of issue 30 counts in steps, epochs or clusters
+    of a 50,000-image run is scaled into the 5,000-image, 15-epoch run or the 10,000-image, 50-epoch one (the
+    files' 391 frozen steps or 3000 clusters would not fit)."""
     from benchmarks.profiles import PROFILES
 
-    spec = PROFILES["cpu-own"]
+    spec = PROFILES[profile]
     shared = {k: v for k, v in spec["train"].items() if k not in ("data", "test_data")}
-    assert sorted(spec["methods"]) == ["deepclusterv2", "sela", "swav"]
-    for method, keys in spec["methods"].items():
+    assert {"deepclusterv2", "sela", "swav"} <= set(spec["methods"])
+    for method in ("deepclusterv2", "sela", "swav"):
+        keys = spec["methods"][method]
         cfg, hp = resolve([{**shared, "method": method, **keys}])
         steps = cfg.epochs * -(-cfg.subset // cfg.batch_size)
         assert cfg.batch_size == 256 and cfg.warmup_epochs < cfg.epochs / 10, method
