@@ -86,12 +86,17 @@ def describe_run(out: Path) -> str:
     rows = metrics_rows(out)
     epochs = [r["global_epoch"] for r in rows if isinstance(r.get("global_epoch"), int) and r["global_epoch"] >= 0]
     parts = [str(config.get("method", "method unknown"))]
-    total = config.get("epochs", 0) * config.get("rounds", 1) if isinstance(config.get("epochs"), int) else None
+    # a transfer run (deepclust.transfer) counts iterations where train counts epochs
+    unit = "iterations" if isinstance(config.get("iterations"), int) else "epochs"
+    if unit == "iterations":
+        total = config["iterations"]
+    else:
+        total = config.get("epochs", 0) * config.get("rounds", 1) if isinstance(config.get("epochs"), int) else None
     if done is None:
         done = max(epochs) + 1 if epochs else 0
-        parts.append(f"{done}{f' of {total}' if total else ''} epochs logged, no checkpoint yet")
+        parts.append(f"{done}{f' of {total}' if total else ''} {unit} logged, no checkpoint yet")
     else:
-        parts.append(f"{done}{f' of {total}' if total else ''} epochs done")
+        parts.append(f"{done}{f' of {total}' if total else ''} {unit} done")
     knn = [r for r in rows if r.get("knn_top1") is not None]
     if knn:
         last = knn[-1]

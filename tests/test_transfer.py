@@ -82,7 +82,7 @@ def test_segmentation_loss_falls(voc_root, resnet18_export, tmp_path, model):
                                                                          "bird", "boat"}
 
 
-def test_multilabel_resume_equals_uninterrupted_run(voc_root, trained_checkpoint, tmp_path):
+def test_multilabel_resume_equals_uninterrupted_run(voc_root, trained_checkpoint, tmp_path, capsys):
     args = ["transfer", "multilabel", "--checkpoint", str(trained_checkpoint), "--data", f"voc2007:{voc_root}",
             "--iterations", "6", "log_every=2", *SQUARE]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
@@ -95,7 +95,9 @@ def test_multilabel_resume_equals_uninterrupted_run(voc_root, trained_checkpoint
     assert whole[-1]["map"] == parts[-1]["map"] and 0 <= whole[-1]["map"] <= 100
     a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt")["state"] for name in ("whole", "parts"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "whole")]) == 2  # a finished run is never trained over
+    assert "transfer-multilabel, 6 of 6 iterations done" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task, extra, message", [
