@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
+
+from benchmarks.tables import mean_std, pm
 
 QUALITY = ("knn_top1", "knn_pooled", "linear_top1", "nmi")
 NAMES = {"knn_top1": "kNN top-1 (own feature)", "knn_pooled": "kNN top-1 (pooled)", "linear_top1": "linear top-1",
@@ -58,22 +59,13 @@ def per_seed(folders: list[str], data: dict[str, Any]) -> dict[str, dict[int, di
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def pm(values: list[float], digits: int = 2) -> str:
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], key: str) -> list[float]:
     return [a[s][key] - b[s][key] for s in sorted(a) if s in b and key in a[s] and key in b[s]]
 
 
 def verdict(diffs: list[float]) -> str:
     m, s = mean_std(diffs)
-    if len(diffs) < 2:
+    if m is None or s is None:
         return "one seed"
     if abs(m) <= s:
         return "within the spread"

@@ -31,7 +31,8 @@ from typing import Any
 
 from deepclust.eval.lowshot import LOWSHOT_SHOTS, fillable_shots
 
-from .run import fmt, host_info, mean_std, method_order
+from .run import host_info, method_order
+from .tables import fmt_pm, mean_std
 
 SECTIONS = ("layers", "fewshot", "lowshot", "probes")
 DEFAULT_SECTIONS = ("layers", "fewshot", "lowshot")
@@ -116,11 +117,6 @@ def aggregate(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
-    std = row.get(f"{key}_std")
-    return fmt(row.get(key), digits) + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[str]:
     columns = [(k, h) for k, h in columns if any(r.get(k) is not None for r in rows)]
     if not columns:
@@ -128,7 +124,7 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[st
     lines = ["| method | seeds | " + " | ".join(h for _, h in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(pm(r, k) for k, _ in columns) + " |")
+        lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(fmt_pm(r, k) for k, _ in columns) + " |")
     return lines + [""]
 
 

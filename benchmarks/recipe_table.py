@@ -17,8 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.finetune_table import mean_std
-from benchmarks.scale_trend import read_results, seed_gaps, seed_values
+from benchmarks.tables import fmt_ms, mean_std, read_results, seed_gaps, seed_values
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("nmi", "NMI"))
 
@@ -40,10 +39,6 @@ def compare(shared: dict[str, dict[str, Any]], own: dict[str, dict[str, Any]]) -
     return rows
 
 
-def cell(ms: tuple[float, float], digits: int) -> str:
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
-
-
 def gain(value: float | None, spread: float | None) -> str:
     if value is None:
         return "-"
@@ -57,8 +52,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = []
         for metric, _ in METRICS:
             d, digits = row[metric], 3 if metric == "nmi" else 2
-            diff = "-" if d["diff"] is None else f"{d['diff'][0]:+.{digits}f} ± {d['diff'][1]:.{digits}f}"
-            cells += [cell(d["shared"], digits), cell(d["own"], digits), diff]
+            cells += [fmt_ms(d["shared"], digits), fmt_ms(d["own"], digits), fmt_ms(d["diff"], digits, signed=True)]
         cells += [gain(*g) for g in row["gain"].values()]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ from typing import Any
 
 from .hostload import CpuWatch, busy_note
 from .profiles import PAPER_KNN, PAPER_KNN_HEADER, PROFILES
+from .tables import fmt, fmt_pm, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = "supervised"  # epoch times are given relative to this method's
@@ -281,13 +282,6 @@ def run_child(args: argparse.Namespace, method: str, seed: int | None) -> dict[s
     return result
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None for a single value: no spread is known)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def mean_curve(curves: list[list[list[float]]]) -> tuple[list[list[float]], list[float]]:
     """Per-epoch mean and std of the seeds' curves, at the epochs every seed logged."""
     if not curves or not all(curves):
@@ -351,20 +345,6 @@ def add_comparisons(rows: list[dict]) -> float | None:
         stds = [r.get("knn_top1_std"), base.get("knn_top1_std")]
         r["knn_gain_spread"] = sum(stds) if all(v is not None for v in stds) else None
     return ref
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def fmt_pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
-    """'mean ± std' (or the single value when there is one seed)."""
-    std = row.get(f"{key}_std")
-    return fmt(row.get(key), digits) + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def fmt_gain(row: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.finetune_table import mean_std
+from benchmarks.tables import mean_std, read_results, seed_gaps
 
 # (the papers' winner, their loser, the papers' gap, where it is from)
 PAIRS: tuple[tuple[str, str, float, str], ...] = (
@@ -38,12 +38,6 @@ PAIRS: tuple[tuple[str, str, float, str], ...] = (
 METRICS = ("knn_top1", "linear_top1")
 EPOCHS_AT = 50  # the protocol's epochs at the medium and large sizes: images = steps * batch / epochs
 PAPER_STEPS = math.ceil(50_000 / 128) * 200  # METHODS.md's CIFAR-10 length: 50,000 images, 200 epochs
-
-
-def read_results(folder: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A ``benchmarks.run`` folder's results.json, and the methods in it that ran ok, by name."""
-    summary = json.loads((Path(folder) / "results.json").read_text())
-    return summary, {m["method"]: m for m in summary["methods"] if m.get("status") == "ok"}
 
 
 def read_size(folders: list[str]) -> dict[str, Any]:
@@ -61,16 +55,6 @@ def training_steps(train: dict[str, Any]) -> int:
     """Optimiser steps of one method at this profile (every method of the trend has the same: AND's rounds
     split the same epochs)."""
     return math.ceil(train["subset"] / train["batch_size"]) * train["epochs"]
-
-
-def seed_values(entry: dict[str, Any], metric: str) -> dict[int, float]:
-    return dict(zip(entry["seeds"], entry[f"{metric}_values"], strict=True))
-
-
-def seed_gaps(a: dict[str, Any], b: dict[str, Any], metric: str) -> list[float]:
-    """``a``'s ``metric`` minus ``b``'s, each seed against the same seed, over the seeds both ran."""
-    va, vb = seed_values(a, metric), seed_values(b, metric)
-    return [va[s] - vb[s] for s in sorted(va) if s in vb]
 
 
 def pair_gap(size: dict[str, Any], winner: str, loser: str, metric: str) -> list[float] | None:
@@ -127,7 +111,8 @@ def analyse(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 steps = training_steps(sizes[name]["train"])
                 row["sizes"].setdefault(name, {"steps": steps, "images": sizes[name]["train"]["subset"],
                                                "epochs": sizes[name]["train"]["epochs"]})
-                row["sizes"][name][metric] = {"mean": m, "std": s, "seeds": len(gaps), "values": gaps}
+                # one seed has no spread: 0 in the table's file, drawn with no error bar
+                row["sizes"][name][metric] = {"mean": m, "std": s or 0.0, "seeds": len(gaps), "values": gaps}
                 points.append((steps, m, s if len(gaps) > 1 else None))
             row[f"{metric}_trend"] = trend(points, min(0.0, paper_gap))
         rows.append(row)
