@@ -2,12 +2,19 @@
 papers' VOC07 detection recipe on one H200.
 
     OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer svm --checkpoint NAME=FILE [NAME=FILE ...] --out DIR [--seed S]
+    OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer svm --runs RUNDIR [RUNDIR ...] --out DIR [--seed S]
+    python -m benchmarks.voc_transfer table --out DIR
     OMP_NUM_THREADS=1 python -m benchmarks.voc_transfer project --out DIR
 
 ``svm``: writes a synthetic VOC layout (``deepclust.transfer.synthetic``: one shape a class, random colours; 6
 classes, 300 trainval and 300 test images of 64 x 64 px, drawn with --seed) under DIR/voc-S and runs ``eval --protocol
 voc-svm`` (ODC's VOC07 SVMs, cost by 3-fold CV) on each checkpoint at its own image size. It checks that the
-protocol ranks backbones; it is not VOC.
+protocol ranks backbones; it is not VOC. ``--runs`` takes every ``METHOD/seedS/checkpoint.pt`` of ``benchmarks.run``
+folders, named ``METHOD/seedS``.
+
+``table``: from every DIR/svm-*.json (one a layout), each method's mAP averaged over the layouts, as mean ± std
+over its training seeds, and each seed minus the untrained network (``random``) of the same seed: the network
+that seed's training started from.
 
 ``project``: one training step (forward and backward) of torchvision's Faster R-CNN R50-FPN as ``transfer
 detection`` builds it (FrozenBN, the stem and layer1 frozen, 512 sampled RoIs an image) on one VOC-shaped image
@@ -46,8 +53,13 @@ def svm(args: argparse.Namespace) -> None:
     if not (root / "VOCdevkit").is_dir():
         make_voc(root, sizes={"train": 200, "val": 100, "test": 300}, width=64, height=64, classes=6, seed=args.seed)
     results = {}
-    for item in args.checkpoint:
-        name, _, path = item.partition("=")
+    named = [item.partition("=")[::2] for item in args.checkpoint or []]
+    for folder in args.runs or []:
+        named += [(f"{c.parent.parent.name}/{c.parent.name}", str(c))
+                  for c in sorted(Path(folder).glob("*/seed*/checkpoint.pt"))]
+    if not named:
+        raise SystemExit("voc_transfer svm: no checkpoint: give --checkpoint NAME=FILE or --runs DIR with METHOD/seedS")
+    for name, path in named:
         opened = open_backbone(path)
         train, test = load_train_test(f"voc2007:{root}", None, opened.image_size)
         began = time.perf_counter()
@@ -61,6 +73,38 @@ def svm(args: argparse.Namespace) -> None:
     (out / f"svm-{args.seed}.json").write_text(json.dumps({
         "data": f"synthetic VOC layout: 6 classes, 300 trainval, 300 test, 64x64 px, seed {args.seed}",
         "results": results}, indent=1))
+
+
+def table(args: argparse.Namespace) -> None:
+    from benchmarks.tables import pm
+
+    out = Path(args.out)
+    layouts = {int(f.stem.split("-")[1]): json.loads(f.read_text())["results"] for f in sorted(out.glob("svm-*.json"))}
+    if not layouts:
+        raise SystemExit(f"voc_transfer table: no svm-*.json in {out}: run `svm --out {out}` first")
+    # {method: {training seed: {layout: mAP}}}
+    maps: dict[str, dict[str, dict[int, float]]] = {}
+    for layout, results in layouts.items():
+        for name, r in results.items():
+            method, _, seed = name.partition("/")
+            maps.setdefault(method, {}).setdefault(seed, {})[layout] = r["voc_svm_map"]
+    order = sorted(layouts)
+    untrained = maps.get("random", {})
+    lines = ["| backbone | training seeds | mAP, layout " + " / ".join(map(str, order)) + " (mean over seeds) "
+             "| mAP, mean over layouts | minus the untrained network of the same seed |", "|---|---|---|---|---|"]
+    rows = {}
+    for method, seeds in maps.items():
+        mean = {s: sum(v.values()) / len(v) for s, v in seeds.items() if len(v) == len(order)}
+        gaps = [mean[s] - sum(untrained[s].values()) / len(untrained[s]) for s in sorted(mean)
+                if method != "random" and s in untrained and len(untrained[s]) == len(order)]
+        per_layout = " / ".join(pm([v[L] for v in seeds.values() if L in v]) for L in order)
+        rows[method] = {"seeds": sorted(mean), "map": [mean[s] for s in sorted(mean)], "minus_untrained": gaps}
+        lines.append(f"| {method} | {len(mean)} | {per_layout} | {pm(list(mean.values()))} | "
+                     + (pm(gaps, signed=True) if gaps else "-") + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "table.md").write_text(text)
+    (out / "table.json").write_text(json.dumps({"layouts": order, "methods": rows}, indent=1))
 
 
 def count(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict] | None) -> float:
@@ -129,13 +173,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("svm", help="voc-svm mAP of checkpoints on a synthetic VOC layout")
-    s.add_argument("--checkpoint", nargs="+", required=True, help="NAME=FILE, a backbone file each")
+    s.add_argument("--checkpoint", nargs="+", help="NAME=FILE, a backbone file each")
+    s.add_argument("--runs", nargs="+", help="benchmarks.run folders: each METHOD/seedS/checkpoint.pt, as METHOD/seedS")
     s.add_argument("--out", required=True, help="folder for the synthetic VOC and svm-SEED.json")
     s.add_argument("--seed", type=int, default=0, help="seed of the synthetic VOC layout")
+    t = sub.add_parser("table", help="mean ± std over training seeds of the svm-*.json in --out")
+    t.add_argument("--out", required=True, help="the folder svm wrote its svm-SEED.json into")
     p = sub.add_parser("project", help="projected H200 time of the VOC07 detection recipe")
     p.add_argument("--out", required=True, help="folder for projection.json")
     args = parser.parse_args()
-    svm(args) if args.what == "svm" else project(args)
+    {"svm": svm, "table": table, "project": project}[args.what](args)
 
 
 if __name__ == "__main__":
