@@ -52,7 +52,9 @@ def svm(args: argparse.Namespace) -> None:
     root = out / f"voc-{args.seed}"
     if not (root / "VOCdevkit").is_dir():
         make_voc(root, sizes={"train": 200, "val": 100, "test": 300}, width=64, height=64, classes=6, seed=args.seed)
-    results = {}
+    written = out / f"svm-{args.seed}.json"
+    # backbones evaluated in an earlier call on the same layout are kept (a name given again is replaced)
+    results = json.loads(written.read_text())["results"] if written.is_file() else {}
     named = [item.partition("=")[::2] for item in args.checkpoint or []]
     for folder in args.runs or []:
         named += [(f"{c.parent.parent.name}/{c.parent.name}", str(c))
@@ -70,7 +72,7 @@ def svm(args: argparse.Namespace) -> None:
         print(f"| {name} | {path} | {result['voc_svm_map']:.2f} | "
               + " / ".join(f"{v:.1f}" for v in result["voc_svm_ap"].values()) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"svm-{args.seed}.json").write_text(json.dumps({
+    written.write_text(json.dumps({
         "data": f"synthetic VOC layout: 6 classes, 300 trainval, 300 test, 64x64 px, seed {args.seed}",
         "results": results}, indent=1))
 
