@@ -86,11 +86,10 @@ def describe_run(out: Path) -> str:
     rows = metrics_rows(out)
     epochs = [r["global_epoch"] for r in rows if isinstance(r.get("global_epoch"), int) and r["global_epoch"] >= 0]
     parts = [str(config.get("method", "method unknown"))]
-    # a transfer run (deepclust.transfer) counts iterations where train counts epochs
-    unit = "iterations" if isinstance(config.get("iterations"), int) else "epochs"
-    if unit == "iterations":
-        total = config["iterations"]
+    if isinstance(config.get("iterations"), int):  # a transfer run (deepclust.transfer) counts iterations
+        unit, total = "iterations", config["iterations"]
     else:
+        unit = "epochs"
         total = config.get("epochs", 0) * config.get("rounds", 1) if isinstance(config.get("epochs"), int) else None
     if done is None:
         done = max(epochs) + 1 if epochs else 0
