@@ -41,8 +41,7 @@ def pm(values: list[float], digits: int = 2, signed: bool = False) -> str:
 
 def fmt_pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
     """'mean ± std' of an aggregated row's ``key`` and ``key_std`` (the mean alone when there is one seed)."""
-    std = row.get(f"{key}_std")
-    return fmt(row.get(key), digits) + (f" ± {std:.{digits}f}" if std is not None else "")
+    return fmt_ms((row.get(key), row.get(f"{key}_std")), digits)
 
 
 def read_results(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.tables import pm
+
 H200_BF16_PEAK = 989e12  # NVIDIA's published H200 SXM dense BF16 tensor figure
 MFUS = (0.05, 0.10, 0.20, 0.30)
 RECIPE = "configs/transfer/voc07_detection_r50_fpn.yaml"
@@ -78,8 +80,6 @@ def svm(args: argparse.Namespace) -> None:
 
 
 def table(args: argparse.Namespace) -> None:
-    from benchmarks.tables import pm
-
     out = Path(args.out)
     layouts = {int(f.stem.split("-")[1]): json.loads(f.read_text())["results"] for f in sorted(out.glob("svm-*.json"))}
     if not layouts:
@@ -91,14 +91,16 @@ def table(args: argparse.Namespace) -> None:
             method, _, seed = name.partition("/")
             maps.setdefault(method, {}).setdefault(seed, {})[layout] = r["voc_svm_map"]
     order = sorted(layouts)
-    untrained = maps.get("random", {})
+    # each training seed's mAP averaged over the layouts, for the seeds scored on every layout
+    means = {m: {s: sum(v.values()) / len(v) for s, v in seeds.items() if len(v) == len(order)}
+             for m, seeds in maps.items()}
+    untrained = means.get("random", {})
     lines = ["| backbone | training seeds | mAP, layout " + " / ".join(map(str, order)) + " (mean over seeds) "
              "| mAP, mean over layouts | minus the untrained network of the same seed |", "|---|---|---|---|---|"]
     rows = {}
     for method, seeds in maps.items():
-        mean = {s: sum(v.values()) / len(v) for s, v in seeds.items() if len(v) == len(order)}
-        gaps = [mean[s] - sum(untrained[s].values()) / len(untrained[s]) for s in sorted(mean)
-                if method != "random" and s in untrained and len(untrained[s]) == len(order)]
+        mean = means[method]
+        gaps = [mean[s] - untrained[s] for s in sorted(mean) if method != "random" and s in untrained]
         per_layout = " / ".join(pm([v[L] for v in seeds.values() if L in v]) for L in order)
         rows[method] = {"seeds": sorted(mean), "map": [mean[s] for s in sorted(mean)], "minus_untrained": gaps}
         lines.append(f"| {method} | {len(mean)} | {per_layout} | {pm(list(mean.values()))} | "
