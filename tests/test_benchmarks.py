@@ -65,6 +65,24 @@ def test_merge_pools_seeds_and_marks_gains_against_the_seed_spread(tmp_path):
     assert "| odc | 31.00 ± 1.73 | +0.00 (within spread 2.73) |" in table
 
 
+def test_merge_is_incomplete_only_when_a_source_ran_fewer_units_than_it_planned(tmp_path):
+    from benchmarks.run import merge_runs
+
+    def source(name: str, runs: list[dict], units: int, complete: bool) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(
+            json.dumps({**fake_summary(runs), "units": units, "complete": complete}))
+        return str(tmp_path / name)
+
+    full = source("full", [fake_run("npid", 0, 40.0)], 1, True)
+    stopped_after_last = source("late", [fake_run("npid", 1, 41.0)], 1, False)  # killed after its one unit
+    stopped_early = source("early", [fake_run("odc", 0, 30.0)], 3, False)  # 1 of its 3 units ran
+    merge_runs([full, stopped_after_last], tmp_path / "merged")
+    assert "incomplete" not in (tmp_path / "merged" / "results.md").read_text()
+    merge_runs([full, stopped_early], tmp_path / "merged2")
+    assert "- **incomplete**: 2 of 4 runs done so far" in (tmp_path / "merged2" / "results.md").read_text()
+
+
 def test_gain_is_paired_with_each_seeds_own_untrained_network_when_logged(tmp_path):
     import json
 
