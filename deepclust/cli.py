@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
+from .backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, add_reading_flags, open_backbone
 from .checkpoint import CheckpointError
 from .cluster import ClusteringError
 from .commands import browse as browse_command
@@ -125,20 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method; writes OUT/checkpoint.pt, metrics.jsonl, config.yaml",
                        epilog="Any config key can be set as key=value, e.g. k=100 lr=0.06.")
-    t.add_argument("--method")
+    t.add_argument("--method", help="the method to train (deepclust methods lists them; default: npid)")
     t.add_argument("--data", help="digits | DIR | FILE.npz | NAME:ROOT[:SPLIT] | CACHE (from deepclust prepare; "
                    "default: digits)")
-    t.add_argument("--test-data")
+    t.add_argument("--test-data", help="the images the kNN evaluates on, in --data's forms (default: --data's test "
+                   "split where it has one, else none)")
     t.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
                    "images, for --method supervised and the kNN; images it leaves out are left out")
     t.add_argument("--backbone", help="resnet18_cifar (default), resnet18, resnet50, vgg16_bn, alexnet_bn, convnet, "
                    "or timm:NAME, any timm model (pip install 'deepclust[timm]'; README: Any backbone through timm)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--out")
+    t.add_argument("--epochs", type=int, help="epochs a round (default: the method's config)")
+    t.add_argument("--out", help="the run folder: checkpoint, metrics, config (default: runs/run)")
     t.add_argument("--config", help="a YAML file of config keys")
     t.add_argument("--init", help="start the backbone from this file: a deepclust checkpoint or export, or a "
                    "torchvision / timm state_dict (README: Start from a backbone you have)")
-    t.add_argument("--device")
+    t.add_argument("--device", help="auto (default: a GPU if there is one), cpu, cuda or cuda:N")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out where it stopped (none yet: start it); safe to repeat")
     t.add_argument("--overwrite", action="store_true",
@@ -151,16 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint or any backbone file")
     e.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP)
     add_backbone_file_flags(e)
-    e.add_argument("--data", required=True)
-    e.add_argument("--test-data")
+    e.add_argument("--data", required=True, help="the training images of the protocols (kNN memory, probes), in "
+                   "train's --data forms")
+    e.add_argument("--test-data", help="the images scored (default: --data's test split)")
     e.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling --data's "
                    "images; the test classes are matched by name; on class folders prints labels_agreement")
     e.add_argument("--protocol", choices=(*PROTOCOLS, "voc-svm", "all"), default="knn",
                    help="all: every protocol the data allows, one JSON; voc-svm: ODC's VOC07 SVMs, one per class "
                    "with the cost cross-validated on --data, mAP on the test split (--data voc2007:ROOT)")
-    e.add_argument("--feature", choices=("embedding", "pooled"))
-    e.add_argument("--k", type=int, default=200)
-    e.add_argument("--tau", type=float, default=0.1)
+    e.add_argument("--k", type=int, default=200, help="knn: neighbours that vote (default 200, the papers')")
+    e.add_argument("--tau", type=float, default=0.1, help="knn: temperature of the neighbours' weights exp(s / tau)")
     e.add_argument("--cluster-on", choices=("test", "train+test"), default="test",
                    help="images the cluster protocol clusters (train+test: the clustering papers' protocol)")
     e.add_argument("--layers", help="linear, voc-svm: also probe each stage, 'all' or names (e.g. layer1,layer4)")
@@ -178,19 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lowshot-draws", type=int, default=LOWSHOT_DRAWS, help="lowshot: random draws per shot value")
     e.add_argument("--svm-cost", type=float, default=1.0, help="lowshot: the SVMs' cost C")
     e.add_argument("--seed", type=int, default=0, help="fewshot, lowshot, --probe sgd: seed of the random draws")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
-    e.add_argument("--json", action="store_true")
+    add_reading_flags(e)
+    e.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
     m = sub.add_parser("embed", help="write features of a dataset to an .npz")
     m.add_argument("--checkpoint", required=True, help=BACKBONE_FILE_HELP)
     add_backbone_file_flags(m)
-    m.add_argument("--data", required=True)
-    m.add_argument("--split", default="train")
-    m.add_argument("--out", required=True)
-    m.add_argument("--feature", choices=("embedding", "pooled"))
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+    m.add_argument("--data", required=True, help="the images, in train's --data forms")
+    m.add_argument("--split", default="train", help="the split of a NAME:ROOT or digits source (default: train)")
+    m.add_argument("--out", required=True, help="the .npz to write: features, indices, labels and paths where known")
+    add_reading_flags(m)
 
     for command in (cluster_command, browse_command, export_command, report_command, compare_command, prepare_command,
                     transfer_command):

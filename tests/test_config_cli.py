@@ -116,6 +116,25 @@ def test_methods_lists_methods(capsys):
     assert {"npid", "supervised", "random"} <= names
 
 
+def test_every_command_line_option_has_help():
+    """Every option and argument of every subcommand says what it does in --help."""
+    import argparse
+
+    from deepclust.cli import build_parser
+
+    def silent(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found += silent(child, f"{path} {name}")
+            elif not action.help and action.dest != "help":
+                found.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    assert silent(build_parser(), "deepclust") == []
+
+
 def test_unknown_method(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", "--method", "magic", "--out", tmp_path / "o")
     assert rc == 2

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, open_backbone
+from ..backbone_files import BACKBONE_FILE_HELP, add_backbone_file_flags, add_reading_flags, open_backbone
 from ..checkpoint import CheckpointError, backbone_from_checkpoint
 from ..cluster import ClusterGeometry, check_cluster_count, cluster_geometry, kmeans
 from ..config import ConfigError
@@ -245,10 +245,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the CSV file to write")
     p.add_argument("--k", type=int, help="k-means with this many clusters instead of the method's clusters")
     p.add_argument("--restarts", type=int, default=5, help="k-means restarts (the lowest inertia wins)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feature", choices=("embedding", "pooled"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisations (with --k)")
+    add_reading_flags(p)
     p.add_argument("--browse", metavar="DIR", help="also write the cluster browser page into DIR (as deepclust browse "
                    "does, with a map of the cluster centres)")
     p.add_argument("--folders", metavar="DIR", help="also write one folder per cluster (cluster_NNNN) of links to the "

@@ -106,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="the final metrics of runs in one table, their kNN curves in one plot")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="deepclust train --out folders, one row each")
     p.add_argument("--html", default="compare.html", help="where to write the HTML page (default: compare.html)")

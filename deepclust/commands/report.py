@@ -382,10 +382,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, embeddings, clusters, montages")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a deepclust train --out folder")
     p.add_argument("--test-data", help="default: the run's test data")
     p.add_argument("--labels", help="a CSV of path,label (the cluster browser's labels.csv) labelling the test images "
                    "the report shows, instead of their own labels")
     p.add_argument("--k", type=int, help="k-means clusters of the test images (default: the class count, else 10)")
     p.add_argument("--max-points", type=int, default=2000, help="test images embedded at most (a random subset)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the backbone runs: cpu (default), cuda or cuda:N")
