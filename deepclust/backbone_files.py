@@ -389,12 +389,15 @@ BACKBONE_FILE_HELP = ("a deepclust checkpoint, a file of deepclust export, a tor
                       "CLIP files included (.pth, .pt, .bin, .safetensors)")
 
 
+DEVICE_HELP = "where the backbone runs: cpu (default), cuda or cuda:N"
+
+
 def add_reading_flags(parser: argparse.ArgumentParser) -> None:
     """--feature, --device and --bad-images: how a command reads images through a backbone (eval, embed, cluster)."""
     parser.add_argument("--feature", choices=("embedding", "pooled"),
                         help="embedding: the trained embedding head's unit vectors; pooled: the trunk's pooled "
                         "features (default: the method's evaluation feature; a plain backbone file: pooled)")
-    parser.add_argument("--device", default="cpu", help="where the backbone runs: cpu (default), cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                         help="an unreadable image: fail (default) stops and names it; skip leaves it out and logs it")
 

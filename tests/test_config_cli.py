@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from deepclust.checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint, save_checkpoint
-from deepclust.cli import main
+from deepclust.cli import build_parser, main
 from deepclust.config import ConfigError, TrainConfig, coerce, parse_overrides, resolve
 from deepclust.data import load_data
 
@@ -118,10 +119,6 @@ def test_methods_lists_methods(capsys):
 
 def test_every_command_line_option_has_help():
     """Every option and argument of every subcommand says what it does in --help."""
-    import argparse
-
-    from deepclust.cli import build_parser
-
     def silent(parser: argparse.ArgumentParser, path: str) -> list[str]:
         found = []
         for action in parser._actions:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbone_files import DEVICE_HELP
 from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint
 from ..cluster import cluster_geometry, kmeans
 from ..data import DataError, ImageData, default_test_spec, load_data, square_uint8
@@ -388,4 +389,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the report shows, instead of their own labels")
     p.add_argument("--k", type=int, help="k-means clusters of the test images (default: the class count, else 10)")
     p.add_argument("--max-points", type=int, default=2000, help="test images embedded at most (a random subset)")
-    p.add_argument("--device", default="cpu", help="where the backbone runs: cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
