@@ -32,11 +32,13 @@ SIZES = {
     "full": {"matmul": 4096, "kmeans_n": 50_000, "kmeans_k": 1000, "kmeans_iters": 20, "d": 128,
              "graph_n": 50_000, "graph_k": 5, "graph_approx_n": 210_000,
              "scs_n": [50_000, 1_000_000], "knn_train": 50_000, "knn_test": 10_000, "knn_k": 200,
-             "batch": 128, "resnet_batch": 128, "aug_repeats": 10, "tv_repeats": 3},
+             "batch": 128, "resnet_batch": 128, "aug_repeats": 10, "tv_repeats": 3,
+             "sinkhorn_rows": 3968, "sinkhorn_prototypes": 3000},
     "quick": {"matmul": 2048, "kmeans_n": 5_000, "kmeans_k": 100, "kmeans_iters": 20, "d": 128,
               "graph_n": 5_000, "graph_k": 5, "graph_approx_n": 20_000,
               "scs_n": [5_000, 50_000], "knn_train": 5_000, "knn_test": 1_000, "knn_k": 200,
-              "batch": 128, "resnet_batch": 32, "aug_repeats": 5, "tv_repeats": 2},
+              "batch": 128, "resnet_batch": 32, "aug_repeats": 5, "tv_repeats": 2,
+              "sinkhorn_rows": 3968, "sinkhorn_prototypes": 3000},
 }
 
 
@@ -298,6 +300,44 @@ def bench_knn_eval(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- Sinkhorn
+
+
+def sinkhorn_out_of_place(scores: torch.Tensor, epsilon: float, iterations: int,
+                          active: torch.Tensor) -> torch.Tensor:
+    """``deepclust.cluster.sinkhorn``'s arithmetic (one process) with a new tensor for every operation: its form
+    before 2026-12-06, the obvious way to write it."""
+    q = torch.exp((scores - scores.max()) / epsilon) * active.unsqueeze(1)
+    count, k, tiny = active.sum().float(), scores.shape[1], torch.finfo(torch.float32).tiny
+    for _ in range(iterations):
+        q = q / (q.sum(0).clamp(min=tiny) * k)
+        q = q / (q.sum(1, keepdim=True).clamp(min=tiny) * count)
+    return q * count
+
+
+def bench_sinkhorn(sz: dict, repeats: int, rate: float) -> list[dict[str, Any]]:
+    """SwAV's codes at its CIFAR queue (3,840 rows) plus a batch, against 3,000 prototypes: memory-bound, so no
+    floor. A float32 (n, K) of this size is 47.6 MB, over glibc's largest dynamic mmap threshold (32 MiB): each
+    new one is a fresh mapping whose pages fault in on first write."""
+    from deepclust.cluster.sinkhorn import sinkhorn
+
+    n, k = sz["sinkhorn_rows"], sz["sinkhorn_prototypes"]
+    gen = torch.Generator().manual_seed(7)
+    scores = F.normalize(torch.randn(n, sz["d"], generator=gen), dim=1) @ F.normalize(
+        torch.randn(k, sz["d"], generator=gen), dim=1).t()
+    active = torch.ones(n, dtype=torch.bool)
+    size = f"{n:,} x {k:,}, epsilon 0.05, 3 iterations"
+    sinkhorn(scores[:128], 0.05, 3)
+    out = []
+    stats, ours = timed(lambda: sinkhorn(scores, 0.05, 3, active, across_ranks=False), repeats)
+    out.append(entry("Sinkhorn codes", "deepclust.cluster.sinkhorn (in place)", size, stats, None, rate))
+    stats, theirs = timed(lambda: sinkhorn_out_of_place(scores, 0.05, 3, active), repeats)
+    out.append(entry("Sinkhorn codes", "the same arithmetic, a new tensor for each operation", size, stats, None,
+                     rate, quality=f"equal to ours bit for bit: {torch.equal(ours, theirs)}"))
+    relative_to_ours(out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- data pipeline
 
 
@@ -485,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = report["matmul"]["gflops_median"]
     print(f"    {rate:.1f} GFLOP/s", flush=True)
     benches = (("k-means", bench_kmeans), ("kNN graph", bench_knn_graph), ("SCS search", bench_scs),
-               ("weighted kNN eval", bench_knn_eval), ("data pipeline", bench_pipeline))
+               ("weighted kNN eval", bench_knn_eval), ("Sinkhorn", bench_sinkhorn),
+               ("data pipeline", bench_pipeline))
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
         unknown = wanted - {name for name, _ in benches}

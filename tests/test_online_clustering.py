@@ -53,7 +53,9 @@ def test_sinkhorn_equals_the_swav_codes_formula_and_balances_the_prototypes():
     gen = torch.Generator().manual_seed(0)
     scores = F.normalize(torch.randn(64, 8, generator=gen), dim=1) @ F.normalize(torch.randn(10, 8, generator=gen),
                                                                                   dim=1).t()
+    given = scores.clone()
     ours = sinkhorn(scores, 0.05, 3)
+    assert torch.equal(scores, given)  # it rescales its own copy in place, never the caller's scores
     assert torch.allclose(ours, swav_code_sinkhorn(scores, 0.05, 3), atol=1e-5, rtol=1e-4)
     assert torch.allclose(ours.sum(1), torch.ones(64), atol=1e-5)  # each sample's codes: a distribution
     many = sinkhorn(scores, 0.05, 200)

@@ -34,11 +34,14 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, a
     top = s.max()
     if across_ranks:
         top = distributed.all_reduce_max(top)
-    q = torch.exp((s - top) / epsilon)
+    # In place from here: Q is one fresh (n, K) tensor rescaled where it lies. A new tensor for every step (the
+    # SwAV code's ``Q /= ...`` is in place too) cost 4.6x the time on a CPU at SwAV's queue size, 3968 x 3000,
+    # mostly in faulting in fresh pages (BENCHMARKS.md, "Sinkhorn in place"); the values are the same bits.
+    q = (s - top).div_(epsilon).exp_()
     tiny = torch.finfo(dtype).tiny
     count = s.new_full((), s.shape[0])  # a fill on the device, not a copy of a host scalar
     if active is not None:
-        q = q * active.unsqueeze(1)
+        q.mul_(active.unsqueeze(1))
         count = active.sum().to(dtype)  # a device scalar: nothing read on the host
     if across_ranks:
         count = distributed.all_reduce_sum(count)
@@ -47,9 +50,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, a
         per_prototype = q.sum(0)
         if across_ranks:
             per_prototype = distributed.all_reduce_sum(per_prototype)
-        q = q / (per_prototype.clamp(min=tiny) * k)  # each prototype: 1/K of the mass
-        q = q / (q.sum(1, keepdim=True).clamp(min=tiny) * count)  # each sample: 1/n (inactive rows stay 0)
-    return (q * count).float()
+        q.div_(per_prototype.clamp_(min=tiny).mul_(k))  # each prototype: 1/K of the mass
+        q.div_(q.sum(1, keepdim=True).clamp_(min=tiny).mul_(count))  # each sample: 1/n (inactive rows stay 0)
+    return q.mul_(count).float()
 
 
 @exact_float32()
