@@ -35,7 +35,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, a
     if across_ranks:
         top = distributed.all_reduce_max(top)
     # In place from here: Q is one fresh (n, K) tensor rescaled where it lies. A new tensor for every step (the
-    # SwAV code's ``Q /= ...`` is in place too) cost 4.6x the time on a CPU at SwAV's queue size, 3968 x 3000,
+    # SwAV code's ``Q /= ...`` is in place too) cost 4.7x the time on a CPU at SwAV's queue size, 3968 x 3000,
     # mostly in faulting in fresh pages (BENCHMARKS.md, "Sinkhorn in place"); the values are the same bits.
     q = (s - top).div_(epsilon).exp_()
     tiny = torch.finfo(dtype).tiny
